@@ -1,0 +1,259 @@
+"""Forward solvers for roots ``F(z, *args) = 0`` and fixed points ``z = f(z, *args)``.
+
+Every solver is a frozen dataclass called as ``solver(fn, z0, *args) -> (z, SolveInfo)`` that finds a root of
+``fn``; a fixed point of ``f`` is the root of ``F(z) = z − f(z)`` (``fixed_point_residual(f)``), which is how the
+implicit layers call them. ``z`` is one tensor of any shape, treated as a flat vector of ``n`` unknowns.
+
+All solvers run a fixed budget of ``steps`` iterations with a masked early stop (an iterate is frozen once
+``||F(z)|| <= tol``), so they run unchanged under ``torch.func.vmap``, one problem per batch entry. Outside
+``vmap`` the loop also breaks as soon as the problem has converged, which saves the remaining iterations.
+``SolveInfo.residual`` is ``||F(z)||₂`` (absolute) at the returned ``z``.
+
+| solver          | cost per step                  | converges                          | use for                        |
+|-----------------|--------------------------------|------------------------------------|--------------------------------|
+| ``Picard``      | one ``F``                      | linearly, if ``z − F`` contracts    | contractive maps (DEQ default) |
+| ``Anderson``    | one ``F`` + an m×m solve       | faster than Picard, same condition | fixed points, medium ``n``     |
+| ``Newton``      | ``n`` JVPs + an n×n solve      | quadratically near a root          | small systems (``n`` ≲ 10³)     |
+| ``NewtonKrylov``| ``k`` JVPs (GMRES)             | superlinearly near a root          | large systems                  |
+| ``Broyden``     | one ``F`` + low-rank updates   | superlinearly, no Jacobian needed  | large systems                  |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch._C._functorch import TransformType, get_interpreter_stack
+
+from .linear_solve import _NONNEG, _STEPS, GMRES, LinearOperator, _check
+from .types import SolveInfo
+
+RootFn = Callable[..., Tensor]
+"""``F(z, *args) -> Tensor`` shaped like ``z``; the solvers look for ``F(z, *args) = 0``."""
+
+
+def fixed_point_residual(f: RootFn) -> RootFn:
+    """The root form ``F(z) = z − f(z)`` of the fixed-point problem ``z = f(z, *args)``."""
+    return lambda z, *args: z - f(z, *args)
+
+
+def _under_vmap() -> bool:
+    # Under vmap a Python `if` on a tensor is an error, so only the masked update can stop an iterate there.
+    return any(i.key() == TransformType.Vmap for i in (get_interpreter_stack() or ()))
+
+
+_POS = (lambda v: v > 0, "> 0")
+
+
+@dataclass(frozen=True)
+class _RootSolver:
+    """The shared loop: validation, the masked early stop and the ``SolveInfo``. Subclasses define ``step``."""
+
+    steps: int = 50
+    tol: float = 1e-6
+
+    def __post_init__(self):
+        _check(type(self).__name__, steps=(self.steps, *_STEPS), tol=(self.tol, *_NONNEG))
+
+    def __call__(self, fn: RootFn, z0: Tensor, *args) -> tuple[Tensor, SolveInfo]:
+        """Solve ``fn(z, *args) = 0`` from ``z0``.
+
+        Returns:
+            ``(z, info)``: the last iterate and its ``SolveInfo`` (``steps`` taken, ``residual = ||F(z)||``,
+            ``converged = residual <= tol``, ``nonfinite``).
+        """
+        name = type(self).__name__
+        if not isinstance(z0, Tensor) or not z0.is_floating_point():
+            raise TypeError(f"{name}(fn, z0): z0 must be a floating-point Tensor, got {type(z0).__name__}"
+                            f"{'' if not isinstance(z0, Tensor) else ' of dtype ' + str(z0.dtype)}.")
+        F = lambda z: fn(z, *args)  # noqa: E731
+        r = F(z0)
+        if not isinstance(r, Tensor) or r.shape != z0.shape:
+            got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+            raise ValueError(f"{name}(fn, z0): fn(z0) returned shape {got} but z0 has shape {tuple(z0.shape)}; a "
+                             f"root needs as many equations as unknowns (a square Jacobian). For a fixed point "
+                             f"z = f(z), f must return a tensor shaped like z.")
+        z, res = z0, torch.linalg.vector_norm(r)
+        state = self.init(F, z, r)
+        count = res.new_zeros((), dtype=torch.long)
+        done = (res <= self.tol) | ~torch.isfinite(res)
+        batched = _under_vmap()
+        for k in range(self.steps):
+            if not batched and bool(done):
+                break
+            z_new, r_new, state = self.step(F, z, r, state, k)
+            z, r = torch.where(done, z, z_new), torch.where(done, r, r_new)
+            count = count + (~done).long()
+            res = torch.linalg.vector_norm(r)
+            done = done | (res <= self.tol) | ~torch.isfinite(res)  # a NaN iterate is frozen, then reported
+        nonfinite = ~torch.isfinite(res) | ~torch.isfinite(z).all()
+        # `indefinite` is a CG notion; a tensor (not None) so that the info can be returned from vmap
+        return z, SolveInfo(count, res, (res <= self.tol) & ~nonfinite, nonfinite, torch.zeros_like(nonfinite))
+
+    def init(self, F, z: Tensor, r: Tensor):
+        return None
+
+    def step(self, F, z: Tensor, r: Tensor, state, k: int):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Picard(_RootSolver):
+    """Relaxed fixed-point iteration ``z ← z − β F(z)``; for ``F = z − f(z)`` and ``β = 1`` this is ``z ← f(z)``.
+
+    Converges linearly when ``z ↦ z − βF(z)`` is a contraction (rate: its Lipschitz constant).
+
+    Args:
+        steps: maximum iterations (evaluations of ``F``).
+        tol: stop once ``||F(z)|| <= tol``.
+        mixing: β in (0, 1]; smaller damps oscillations.
+    """
+
+    mixing: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("Picard", mixing=(self.mixing, *_POS))
+
+    def step(self, F, z, r, state, k):
+        z_new = z - self.mixing * r
+        return z_new, F(z_new), state
+
+
+@dataclass(frozen=True)
+class Anderson(_RootSolver):
+    """Anderson acceleration (type II, Walker & Ni 2011) of the iteration ``z ← g(z) = z − F(z)``.
+
+    With the last ``m`` iterates ``z_i`` and residuals ``F_i``, it picks weights ``α = argmin ||Σ α_i F_i||²
+    + λ||α||²`` subject to ``Σ α_i = 1`` and steps to ``z ← Σ α_i (z_i − β F_i)``. With ``memory=1`` it is Picard.
+
+    Args:
+        steps: maximum iterations (one ``F`` each).
+        tol: stop once ``||F(z)|| <= tol``.
+        memory: m, the number of past iterates mixed.
+        mixing: β in (0, 1].
+        regularization: λ relative to the mean squared residual norm; keeps the m×m system well posed when
+            iterates become nearly collinear.
+    """
+
+    memory: int = 5
+    mixing: float = 1.0
+    regularization: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("Anderson", memory=(self.memory, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+                    mixing=(self.mixing, *_POS), regularization=(self.regularization, *_NONNEG))
+
+    def init(self, F, z, r):
+        return [], []  # past iterates and residuals (flat); Python lists keep every shape static under vmap
+
+    def step(self, F, z, r, state, k):
+        zs, rs = state
+        zs, rs = (zs + [z.reshape(-1)])[-self.memory:], (rs + [r.reshape(-1)])[-self.memory:]
+        Z, R = torch.stack(zs), torch.stack(rs)  # [m, n]
+        gram = R @ R.T
+        reg = self.regularization * gram.diagonal().mean() + torch.finfo(gram.dtype).tiny
+        ones = gram.new_ones(len(zs), 1)
+        # min αᵀ(G + λI)α s.t. 1ᵀα = 1  ⇔  α ∝ (G + λI)⁻¹ 1
+        a = torch.linalg.solve_ex(gram + reg * torch.eye(len(zs), dtype=gram.dtype, device=gram.device), ones)[0]
+        alpha = (a / a.sum()).reshape(-1)
+        z_new = (alpha @ (Z - self.mixing * R)).reshape(z.shape)
+        return z_new, F(z_new), (zs, rs)
+
+
+@dataclass(frozen=True)
+class Newton(_RootSolver):
+    """Newton's method ``z ← z − β J⁻¹ F(z)`` with the dense Jacobian ``J = ∂F/∂z`` (n×n, by forward mode).
+
+    Quadratic convergence near a root with invertible ``J``; each step costs ``n`` JVPs and an n×n solve, so use it
+    for small systems (or per example under ``vmap``) and ``NewtonKrylov`` otherwise. A singular ``J`` gives a
+    non-finite step, reported as ``info.nonfinite``.
+
+    Args:
+        steps: maximum Newton steps.
+        tol: stop once ``||F(z)|| <= tol``.
+        damping: β in (0, 1]; a damped step for far-away starts.
+        jacobian: ``"fwd"`` (``torch.func.jacfwd``) or ``"rev"`` (``jacrev``, for ops without forward-mode AD).
+    """
+
+    steps: int = 20
+    damping: float = 1.0
+    jacobian: str = "fwd"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("Newton", damping=(self.damping, *_POS),
+                    jacobian=(self.jacobian, lambda v: v in ("fwd", "rev"), '"fwd" or "rev"'))
+
+    def step(self, F, z, r, state, k):
+        jac = (torch.func.jacfwd if self.jacobian == "fwd" else torch.func.jacrev)(F)(z)
+        n = z.numel()
+        dz = torch.linalg.solve_ex(jac.reshape(n, n), r.reshape(n, 1))[0]
+        z_new = z - self.damping * dz.reshape(z.shape)
+        return z_new, F(z_new), state
+
+
+@dataclass(frozen=True)
+class NewtonKrylov(_RootSolver):
+    """Inexact Newton: each step solves ``J dz = F(z)`` with a Krylov method that only needs JVPs ``J v``.
+
+    Args:
+        steps: maximum Newton steps.
+        tol: stop once ``||F(z)|| <= tol``.
+        linear_solver: a solver from ``bilevel.linear_solve`` for the non-symmetric system (default
+            ``GMRES(steps=20)``: 20 JVPs per Newton step).
+        damping: β in (0, 1].
+    """
+
+    steps: int = 20
+    linear_solver: object = field(default_factory=lambda: GMRES(steps=20, tol=1e-10))
+    damping: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("NewtonKrylov", damping=(self.damping, *_POS))
+
+    def step(self, F, z, r, state, k):
+        mv = lambda v: {"z": torch.func.jvp(F, (z,), (v["z"],))[1]}  # noqa: E731
+        dz, _ = self.linear_solver(LinearOperator(mv), {"z": r})
+        z_new = z - self.damping * dz["z"]
+        return z_new, F(z_new), state
+
+
+@dataclass(frozen=True)
+class Broyden(_RootSolver):
+    """Broyden's ("good") quasi-Newton method on the inverse Jacobian, in limited-memory form.
+
+    ``H ≈ J⁻¹`` starts at ``I`` (so the first step is a Picard step for ``F = z − f(z)``) and gets one rank-one
+    update per step, ``H ← H + (s − H y) sᵀH / (sᵀH y)`` with ``s = Δz``, ``y = ΔF`` (Sherman-Morrison form of
+    Broyden 1965). ``H = I + Σ u_i v_iᵀ`` is stored as its ``steps`` vector pairs, never as an n×n matrix.
+
+    Args:
+        steps: maximum iterations (one ``F`` each).
+        tol: stop once ``||F(z)|| <= tol``.
+    """
+
+    def init(self, F, z, r):
+        return [], []
+
+    @staticmethod
+    def _apply(us, vs, x, transpose=False):
+        # H x = x + Σ u_i (v_iᵀ x);  Hᵀ x = x + Σ v_i (u_iᵀ x)
+        if transpose:
+            us, vs = vs, us
+        return x + sum((u * (v @ x) for u, v in zip(us, vs)), torch.zeros_like(x))
+
+    def step(self, F, z, r, state, k):
+        us, vs = state
+        z_new = z - self._apply(us, vs, r.reshape(-1)).reshape(z.shape)
+        r_new = F(z_new)
+        s, y = (z_new - z).reshape(-1), (r_new - r).reshape(-1)
+        hy = self._apply(us, vs, y)
+        shy = s @ hy
+        # skip the update (u = 0) when sᵀHy vanishes, rather than divide by zero
+        ok = shy.abs() > torch.finfo(shy.dtype).eps * torch.linalg.vector_norm(s) * torch.linalg.vector_norm(hy)
+        u = torch.where(ok, (s - hy) / torch.where(ok, shy, torch.ones_like(shy)), torch.zeros_like(s))
+        return z_new, r_new, (us + [u], vs + [self._apply(us, vs, s, transpose=True)])
