@@ -1,0 +1,179 @@
+"""Configuration schema of the Omniglot workload (OmegaConf structured config).
+
+A run is configured by ``configs/omniglot/<name>.yaml`` (partial overrides of the defaults below) followed by
+command-line ``key=value`` overrides. Unknown keys and wrong types are errors that name the key; values are then
+checked by :func:`validate` before any data is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["OmniglotConfig", "load_config", "validate", "CONFIG_DIR", "METHODS"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "omniglot"
+METHODS = ("maml", "fomaml", "imaml", "reptile", "neumann")
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None             # folder holding the sets; else $BILEVEL_DATA, else ~/.cache/bilevel/data
+    background: str = "images_background"  # set names (folder or .zip under root)
+    evaluation: Optional[str] = "images_evaluation"
+    protocol: str = "maml"                 # maml: 1100/100/423 of all characters | lake: background vs evaluation
+    split_seed: int = 1                    # the split's own RNG (random.Random), never the global one
+    num_train: int = 1100                  # maml protocol: train characters
+    num_val: int = 100                     # validation characters
+    rotation: str = "per_task"             # none | classes (x4 classes) | per_task (random per class per task)
+    download: bool = True                  # fetch missing official zips (md5-checked)
+    cache: bool = True                     # cache the 28x28 tensor under $BILEVEL_CACHE or ~/.cache/bilevel
+
+
+@dataclass
+class TaskConfig:
+    ways: int = 5                          # N
+    shots: int = 1                         # K support drawings per class
+    queries: int = 1                       # Q query drawings per class (MAML reference: Q = K)
+
+
+@dataclass
+class InnerConfig:
+    solver: str = "gd"                     # gd | adam (Reptile)
+    lr: float = 0.4                        # inner learning rate (MAML Omniglot: 0.4)
+    steps: int = 1                         # inner steps during meta-training
+    test_steps: int = 10                   # inner steps at validation / test time (MAML: 10)
+    test_lr: Optional[float] = None        # None: same as lr
+
+
+@dataclass
+class MethodConfig:
+    name: str = "maml"                     # maml | fomaml | imaml | reptile | neumann
+    truncate: Optional[int] = None         # maml: backpropagate through the last K inner steps only
+    reg: float = 2.0                       # imaml: proximal regularisation lambda
+    cg_steps: int = 5                      # imaml: conjugate-gradient steps
+    neumann_steps: int = 20                # neumann: series terms
+    neumann_alpha: float = 0.1             # neumann: step of the series (below 1 / largest Hessian eigenvalue)
+
+
+@dataclass
+class MetaConfig:
+    batch: int = 32                        # tasks per meta-step (meta-batch)
+    steps: int = 60000                     # meta-steps
+    optimizer: str = "adam"                # adam | sgd (Reptile: sgd with lr = outer step size)
+    lr: float = 1e-3                       # meta learning rate
+    schedule: str = "constant"             # constant | linear (anneal to 0 at the last step)
+    batching: str = "loop"                 # loop | vmap: how bl.meta_grad runs the tasks
+    chunk_size: Optional[int] = None       # vmap chunk size
+    on_nonconvergence: str = "ignore"      # ignore | warn | raise (fixed-budget inner loops rarely "converge")
+    on_nonfinite: str = "raise"            # ignore | warn | raise
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500                       # validate every N meta-steps (0: never)
+    val_tasks: int = 100                   # tasks per validation
+    test_tasks: int = 600                  # tasks in the final test
+    queries: Optional[int] = None          # query drawings per class at val/test; None: task.queries
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"                     # run name (default folder runs/omniglot/<name>)
+    dir: Optional[str] = None              # output folder for checkpoint.pt, results.json, curves.png
+    seed: int = 0                          # model initialisation and task stream
+    checkpoint_every: int = 200            # meta-steps between atomic checkpoints (0: only at the end)
+    threads: Optional[int] = None          # torch.set_num_threads; None: leave torch's default
+    progress: bool = True                  # tqdm progress bar
+    resume: bool = False                   # continue from <dir>/checkpoint.pt (also --resume)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"                  # offline | online | disabled
+    project: str = "bilevel-omniglot"
+
+
+@dataclass
+class OmniglotConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(name: str | None = "demo", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The schema defaults, then ``configs/omniglot/<name>.yaml`` (or a YAML path), then ``key=value`` overrides.
+
+    Raises:
+        FileNotFoundError: no such config (the message lists the available names).
+        ValueError: an unknown key, a wrong type or an invalid value (named).
+    """
+    cfg = OmegaConf.structured(OmniglotConfig)
+    layers = []
+    if name:
+        path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
+        layers.append((str(path), OmegaConf.load(path)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must be key=value, got {bad} (e.g. meta.steps=100 method.name=fomaml).")
+    layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except Exception as err:  # omegaconf's errors name the key; add where it came from
+            raise ValueError(f"invalid config from {where}: {err}".strip()) from None
+    if name and not (layers[-1][1].get("run") or {}).get("name"):
+        cfg.run.name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid config: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject invalid values with a message naming the key and the allowed values."""
+    _check(cfg.data.protocol in ("maml", "lake"), f"data.protocol={cfg.data.protocol!r}; use maml or lake.")
+    _check(cfg.data.rotation in ("none", "classes", "per_task"),
+           f"data.rotation={cfg.data.rotation!r}; use none, classes or per_task.")
+    _check(cfg.data.num_train > 0 and cfg.data.num_val > 0, "data.num_train and data.num_val must be > 0.")
+    t = cfg.task
+    _check(t.ways >= 2, f"task.ways={t.ways}; need at least 2 classes.")
+    _check(t.shots >= 1 and t.queries >= 1, f"task.shots={t.shots}, task.queries={t.queries}; both must be >= 1.")
+    queries = cfg.eval.queries or t.queries
+    _check(t.shots + max(t.queries, queries) <= 20,
+           f"task.shots + queries = {t.shots} + {max(t.queries, queries)} > 20 drawings per Omniglot character.")
+    _check(cfg.inner.solver in ("gd", "adam"), f"inner.solver={cfg.inner.solver!r}; use gd or adam.")
+    _check(cfg.inner.lr > 0 and (cfg.inner.test_lr is None or cfg.inner.test_lr > 0), "inner.lr must be > 0.")
+    _check(cfg.inner.steps >= 1 and cfg.inner.test_steps >= 1, "inner.steps and inner.test_steps must be >= 1.")
+    m = cfg.method
+    _check(m.name in METHODS, f"method.name={m.name!r}; choose one of {', '.join(METHODS)}.")
+    _check(m.truncate is None or m.truncate >= 1, "method.truncate must be None or >= 1.")
+    _check(m.reg > 0 and m.cg_steps >= 1, "method.reg must be > 0 and method.cg_steps >= 1.")
+    _check(m.neumann_steps >= 1 and m.neumann_alpha > 0, "method.neumann_steps >= 1, method.neumann_alpha > 0.")
+    mc = cfg.meta
+    _check(mc.batch >= 1 and mc.steps >= 1 and mc.lr > 0, "meta.batch, meta.steps and meta.lr must be positive.")
+    _check(mc.optimizer in ("adam", "sgd"), f"meta.optimizer={mc.optimizer!r}; use adam or sgd.")
+    _check(mc.schedule in ("constant", "linear"), f"meta.schedule={mc.schedule!r}; use constant or linear.")
+    _check(mc.batching in ("loop", "vmap"), f"meta.batching={mc.batching!r}; use loop or vmap.")
+    for key in ("on_nonconvergence", "on_nonfinite"):
+        _check(mc[key] in ("ignore", "warn", "raise"), f"meta.{key}={mc[key]!r}; use ignore, warn or raise.")
+    e = cfg.eval
+    _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
+           "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0.")
+    _check(cfg.wandb.mode in ("offline", "online", "disabled"),
+           f"wandb.mode={cfg.wandb.mode!r}; use offline, online or disabled.")

@@ -1,0 +1,228 @@
+"""Omniglot images: find, validate, download and cache them as one 28x28 uint8 tensor.
+
+The official layout (Lake et al., 2015) is ``<set>/<Alphabet>/characterNN/IIII_DD.png`` with 105x105 1-bit images,
+where ``<set>`` is ``images_background`` (964 characters) or ``images_evaluation`` (659 characters), each character
+drawn by 20 people. A set is read from an extracted folder ``<root>/<set>/`` or from ``<root>/<set>.zip``.
+
+Local copies are validated by structure (character and drawing counts, image size), not by checksum, because
+re-packed zips hold the same images in different containers. Downloads are verified against the official md5.
+
+Decoding 32,460 PNGs takes a while, so the images are resized once (Lanczos, antialiased; inverted so strokes are
+1 as in the MAML reference code) and cached under ``$BILEVEL_CACHE`` (default ``~/.cache/bilevel``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["OmniglotImages", "load_omniglot", "resolve_root", "cache_dir", "OFFICIAL"]
+
+IMAGE_SIZE = 105
+DRAWINGS = 20
+CACHE_VERSION = 1
+
+# name -> (url, md5, characters, alphabets) of the official files (github.com/brendenlake/omniglot).
+OFFICIAL = {
+    "images_background": (
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip",
+        "68d2efa1b9178cc56df9314c21c6e718", 964, 30),
+    "images_evaluation": (
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_evaluation.zip",
+        "6b91aef0f799c5bb55b94e3f2daec811", 659, 20),
+    "images_background_small1": (
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background_small1.zip",
+        "e704a628b5459e08445c13499850abc4", 136, 5),
+    "images_background_small2": (
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background_small2.zip",
+        "b75a71a51d3b13f821f212756fe481fd", 156, 5),
+}
+_PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
+
+
+@dataclass(frozen=True)
+class OmniglotImages:
+    """All drawings of some characters.
+
+    Attributes:
+        images: uint8 tensor ``[characters, 20, size, size]``, strokes bright (255), background 0.
+        characters: ``"<set>/<Alphabet>/characterNN"`` for each row of ``images``.
+    """
+
+    images: torch.Tensor
+    characters: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.characters)
+
+    def subset(self, prefix: str) -> list[int]:
+        """Indices of the characters whose name starts with ``prefix`` (e.g. ``"images_background/"``)."""
+        return [i for i, c in enumerate(self.characters) if c.startswith(prefix)]
+
+
+def cache_dir() -> Path:
+    """``$BILEVEL_CACHE`` if set, else ``~/.cache/bilevel``."""
+    return Path(os.environ.get("BILEVEL_CACHE") or Path.home() / ".cache" / "bilevel")
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The folder holding the Omniglot sets.
+
+    ``root`` (from the config or an argument) wins, then ``$BILEVEL_DATA``, then ``<cache>/data``. A folder that
+    contains an ``omniglot/`` sub-folder is taken to mean that sub-folder, so ``BILEVEL_DATA`` can point at a shared
+    data folder holding several datasets.
+    """
+    base = Path(root) if root else Path(os.environ["BILEVEL_DATA"]) if os.environ.get("BILEVEL_DATA") \
+        else cache_dir() / "data"
+    base = base.expanduser()
+    return base / "omniglot" if (base / "omniglot").is_dir() else base
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run ``write(file)`` on a temporary file beside ``path`` and rename it into place (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(name: str, root: Path) -> Path:
+    """Download an official zip into ``root`` and verify its md5; fail with a message saying where files go."""
+    if name not in OFFICIAL:
+        raise FileNotFoundError(f"Omniglot set {name!r} not found in {root} and it has no official download; "
+                                f"put {name}/ or {name}.zip there.")
+    url, md5, _, _ = OFFICIAL[name]
+    target = root / f"{name}.zip"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            payload = response.read()
+    except OSError as err:
+        raise FileNotFoundError(
+            f"Omniglot set {name!r} is missing and could not be downloaded from {url} ({err}). Put {name}.zip or "
+            f"the extracted {name}/ folder in {root} (or point data.root / $BILEVEL_DATA at the folder holding "
+            f"them).") from None
+    digest = hashlib.md5(payload).hexdigest()
+    if digest != md5:
+        raise ValueError(f"download of {url} has md5 {digest}, expected {md5}: corrupt or changed upstream; "
+                         f"place a verified copy at {target}.")
+    _atomic_write(target, lambda f: f.write(payload))
+    return target
+
+
+class _Source:
+    """One Omniglot set, as an extracted folder or a zip, listing ``(character, [png names])``."""
+
+    def __init__(self, name: str, root: Path, allow_download: bool):
+        folder, archive = root / name, root / f"{name}.zip"
+        if not folder.is_dir() and not archive.is_file():
+            if not allow_download:
+                raise FileNotFoundError(
+                    f"Omniglot set {name!r} not found: expected {folder}/ or {archive}. Put the official files "
+                    f"there, point data.root / $BILEVEL_DATA at the folder holding them, or set data.download=true.")
+            archive = download(name, root)
+        self.name = name
+        self.zip = None if folder.is_dir() else zipfile.ZipFile(archive)
+        self.where = str(folder if self.zip is None else archive)
+        if self.zip is None:
+            files = [p.relative_to(root).as_posix() for p in sorted(folder.glob("*/*/*.png"))]
+        else:
+            files = [n for n in self.zip.namelist() if n.endswith(".png")]
+        chars: dict[str, list[str]] = {}
+        for f in sorted(files):
+            parts = f.split("/")
+            if len(parts) != 4 or parts[0] != name or not _PNG.match(parts[3]):
+                raise ValueError(f"{self.where}: unexpected entry {f!r}; expected "
+                                 f"{name}/<Alphabet>/characterNN/IIII_DD.png (the official Omniglot layout)")
+            chars.setdefault("/".join(parts[:3]), []).append(f)
+        self.characters = chars
+        self.fingerprint = hashlib.sha1(repr(sorted(
+            (i.filename, i.file_size, i.CRC) for i in self.zip.infolist()) if self.zip else
+            [(f, (root / f).stat().st_size) for f in files]).encode()).hexdigest()[:16]
+        self.root = root
+
+    def validate(self) -> None:
+        """Check counts against the official set (1,623 characters x 20 drawings in total)."""
+        if not self.characters:
+            raise ValueError(f"{self.where}: no PNG files found; is this an Omniglot set?")
+        for char, files in self.characters.items():
+            if len(files) != DRAWINGS:
+                raise ValueError(f"{self.where}: {char} has {len(files)} drawings, expected {DRAWINGS}; "
+                                 f"the copy is incomplete, replace it with the official files.")
+        if self.name in OFFICIAL:
+            _, _, n_chars, n_alphabets = OFFICIAL[self.name]
+            alphabets = {c.split("/")[1] for c in self.characters}
+            if len(self.characters) != n_chars or len(alphabets) != n_alphabets:
+                raise ValueError(f"{self.where}: {len(self.characters)} characters in {len(alphabets)} alphabets, "
+                                 f"expected {n_chars} in {n_alphabets}; the copy is incomplete or not "
+                                 f"{self.name}; replace it with the official files.")
+
+    def read(self, member: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(member)
+        return (self.root / member).read_bytes()
+
+
+def _decode(source: _Source, member: str, size: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(source.read(member))) as im:
+            im.load()
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"size {im.size}, expected {(IMAGE_SIZE, IMAGE_SIZE)}")
+            im = im.convert("L").resize((size, size), resample=Image.LANCZOS)
+    except Exception as err:
+        raise ValueError(f"cannot read Omniglot image {source.where}::{member}: {err}. Replace the file with "
+                         f"the official copy.") from None
+    return 255 - np.asarray(im, dtype=np.uint8)
+
+
+def load_omniglot(sets: tuple[str, ...] = ("images_background", "images_evaluation"), root=None, *,
+                  size: int = 28, download: bool = True, cache: bool = True) -> OmniglotImages:
+    """Load Omniglot sets as one uint8 tensor, decoding the PNGs only the first time.
+
+    Args:
+        sets: set names, e.g. ``("images_background", "images_evaluation")`` or ``("images_background_small1",)``.
+        root: folder holding the sets (see :func:`resolve_root`).
+        size: side of the resized images (28 in the MAML protocol).
+        download: download missing official sets (md5-checked) instead of failing.
+        cache: read/write the decoded tensor under :func:`cache_dir`.
+
+    Returns:
+        :class:`OmniglotImages` with characters in sorted order (set, alphabet, character).
+
+    Raises:
+        FileNotFoundError: a set is missing (and cannot be downloaded); the message says where to put it.
+        ValueError: a set does not have the official structure, or an image cannot be decoded (named).
+    """
+    root = resolve_root(root)
+    sources = [_Source(name, root, download) for name in sets]
+    key = hashlib.sha1(repr((CACHE_VERSION, size, [(s.name, s.fingerprint) for s in sources])).encode())
+    path = cache_dir() / f"omniglot-{size}px-{key.hexdigest()[:16]}.pt"
+    if cache and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return OmniglotImages(saved["images"], tuple(saved["characters"]))
+    characters, images = [], []
+    for source in sources:
+        source.validate()
+        for char, files in sorted(source.characters.items()):
+            characters.append(char)
+            images.append(np.stack([_decode(source, f, size) for f in files]))
+    data = OmniglotImages(torch.from_numpy(np.stack(images)), tuple(characters))
+    if cache:
+        _atomic_write(path, lambda f: torch.save({"images": data.images, "characters": list(characters)}, f))
+    return data

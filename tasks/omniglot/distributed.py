@@ -1,0 +1,90 @@
+"""Data-parallel meta-training with ``torch.distributed`` (launched by ``torchrun``), as a thin layer.
+
+Each rank samples its own slice of the global meta-batch (task ``i`` of a meta-step is seeded by its global index,
+see :mod:`tasks.omniglot.sampler`), computes the mean hypergradient of its tasks with ``bl.meta_grad``, and the
+means are averaged with one ``all_reduce`` so every rank takes the same outer step. Since every rank holds the
+same number of tasks, the average of the rank means is the mean over the global meta-batch: a 2-process run
+follows a 1-process run up to float round-off. Backend: NCCL when CUDA is available, gloo otherwise.
+
+Non-finite hypergradients are detected per rank and the flag is reduced with the gradients, so all ranks raise
+(or skip) together instead of one rank raising while the others wait in ``all_reduce`` forever.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+import bilevel as bl
+
+__all__ = ["Context", "setup"]
+
+
+@dataclass
+class Context:
+    """The process's place in the job; ``world_size == 1`` when not launched by ``torchrun``."""
+
+    rank: int = 0
+    world_size: int = 1
+    on_nonfinite: str = "raise"
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, meta_batch: int) -> int:
+        """Tasks per rank; the global meta-batch must split evenly (so the average of rank means is exact)."""
+        if meta_batch % self.world_size:
+            raise ValueError(f"meta.batch={meta_batch} is not divisible by the world size {self.world_size}; "
+                             f"use a meta-batch that is a multiple of --nproc_per_node.")
+        return meta_batch // self.world_size
+
+    def all_reduce_mean(self, grad: dict, loss: torch.Tensor, acc: torch.Tensor, nonfinite: torch.Tensor):
+        """Average ``grad``, ``loss`` and ``acc`` over ranks; apply the non-finite policy on every rank at once."""
+        if self.world_size > 1:
+            keys = list(grad)
+            flat = torch.cat([grad[k].reshape(-1) for k in keys]
+                             + [loss.reshape(1), acc.reshape(1).to(loss.dtype), nonfinite.reshape(1).to(loss.dtype)])
+            torch_dist.all_reduce(flat)  # one message for all of it
+            flat = flat / self.world_size
+            out, i = {}, 0
+            for k in keys:
+                out[k] = flat[i:i + grad[k].numel()].view_as(grad[k])
+                i += grad[k].numel()
+            grad, loss, acc, nonfinite = out, flat[i], flat[i + 1], flat[i + 2] > 0
+        bad = bool(nonfinite) or not all(torch.isfinite(g).all() for g in grad.values())
+        if bad:
+            message = ("non-finite hypergradient on at least one rank; lower the inner or meta learning rate, "
+                       "or check the data")
+            if self.on_nonfinite == "raise":
+                raise bl.NonFiniteError(message)
+            if self.on_nonfinite == "warn":
+                warnings.warn(message + "; this outer step is skipped on every rank.", RuntimeWarning, stacklevel=2)
+            grad = {k: torch.zeros_like(v) for k, v in grad.items()}  # skip: every rank takes a zero step
+        return grad, loss, acc
+
+    def close(self) -> None:
+        if self.owns_group and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup(cfg) -> Context:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); otherwise a 1-process context.
+
+    Ranks let non-finite hypergradients through ``bl.meta_grad`` (``on_nonfinite="ignore"``) and
+    :meth:`Context.all_reduce_mean` applies ``meta.on_nonfinite`` on every rank at once.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Context(on_nonfinite=cfg.meta.on_nonfinite)
+    owns = not torch_dist.is_initialized()
+    if owns:
+        torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    ctx = Context(torch_dist.get_rank(), torch_dist.get_world_size(), cfg.meta.on_nonfinite, owns)
+    ctx.shard(cfg.meta.batch)  # a misconfiguration is an error before any training
+    return ctx

@@ -1,0 +1,324 @@
+"""Meta-train conv4 on few-shot Omniglot (MAML, first-order MAML, iMAML, Reptile, Neumann) and test it.
+
+Usage::
+
+    python examples/omniglot_fewshot.py                                   # the demo config (~5 min on 2 cores)
+    python examples/omniglot_fewshot.py --config maml_5w1s meta.batch=16  # a paper config with overrides
+    python examples/omniglot_fewshot.py --config maml_5w1s --resume       # continue from <run.dir>/checkpoint.pt
+
+Writes ``checkpoint.pt`` (atomically, every ``run.checkpoint_every`` meta-steps), then ``results.json`` (test
+accuracy with a 95% confidence interval over ``eval.test_tasks`` tasks) and ``curves.png`` into ``run.dir``
+(default ``runs/omniglot/<run.name>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+import bilevel as bl
+
+from . import distributed as dist
+from .config import load_config
+from .data import _atomic_write, load_omniglot
+from .model import Conv4, cross_entropy_loss
+from .sampler import TaskSampler, Tasks
+from .splits import make_split
+
+__all__ = ["Workload", "build", "make_method", "evaluate", "main", "cli"]
+
+VAL_SEED, TEST_SEED = 1_000_003, 2_000_003   # task streams of validation / test, offset from run.seed
+
+
+@dataclass
+class Workload:
+    """Everything a run needs, built from a config before any training starts."""
+
+    cfg: DictConfig
+    model: Conv4
+    problem: bl.Problem
+    method: object
+    test_solver: object
+    samplers: dict[str, TaskSampler]
+
+
+def make_method(cfg: DictConfig, model: Conv4):
+    """``(problem, method, test_solver)`` for ``cfg.method.name`` (the methods' registry)."""
+    m, inner = cfg.method, cfg.inner
+    loss = cross_entropy_loss(model)
+    if m.name in ("imaml", "neumann"):  # both solve iMAML's proximal inner problem; they differ in the linear solve
+        inner_loss = bl.proximal(loss, m.reg)
+    else:
+        inner_loss = loss
+    make_solver = bl.Adam if inner.solver == "adam" else bl.GradientDescent
+    solver = make_solver(lr=inner.lr, steps=inner.steps)
+    test_solver = make_solver(lr=inner.test_lr or inner.lr, steps=inner.test_steps)
+    method = {
+        "maml": lambda: bl.Unrolled(truncate=m.truncate),
+        "fomaml": lambda: bl.FirstOrder(),
+        "imaml": lambda: bl.imaml(reg=m.reg, cg_steps=m.cg_steps),
+        "reptile": lambda: bl.Reptile(),
+        "neumann": lambda: bl.neumann(steps=m.neumann_steps, alpha=m.neumann_alpha),
+    }[m.name]()
+    return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver
+
+
+def build(cfg: DictConfig, data=None) -> Workload:
+    """Load the data, split it, and build the samplers, model and method; every input error is raised here."""
+    d, t = cfg.data, cfg.task
+    sets = (d.background,) + ((d.evaluation,) if d.evaluation else ())
+    data = data or load_omniglot(sets, d.root, download=d.download, cache=d.cache)
+    split = make_split(data, d.protocol, seed=d.split_seed, num_train=d.num_train, num_val=d.num_val,
+                       background=d.background)
+    eval_queries = cfg.eval.queries or t.queries
+    samplers = {}
+    for name, seed, queries in (("train", 0, t.queries), ("val", VAL_SEED, eval_queries),
+                                ("test", TEST_SEED, eval_queries)):
+        try:
+            samplers[name] = TaskSampler(data.images, split[name], ways=t.ways, shots=t.shots, queries=queries,
+                                         rotation=d.rotation, seed=cfg.run.seed + seed)
+        except ValueError as err:
+            raise ValueError(f"{name} split ({d.protocol} protocol): {err}") from None
+    torch.manual_seed(cfg.run.seed)
+    model = Conv4(t.ways)
+    problem, method, test_solver = make_method(cfg, model)
+    return Workload(cfg, model, problem, method, test_solver, samplers)
+
+
+def task_accuracy(model, params, images, labels) -> torch.Tensor:
+    """Per-task query accuracy for stacked ``params`` / ``images`` (forward only, so vmap is safe with BN)."""
+    def one(p, x, y):
+        return (functional_call(model, p, (x,)).argmax(-1) == y).float().mean()
+    return vmap(one)(params, images, labels)
+
+
+def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50) -> dict:
+    """Adapt to ``tasks`` fixed tasks of ``split`` with the test-time inner solver; mean accuracy and 95% CI.
+
+    The tasks are the same at every call (the sampler's meta-step 0), so validation curves compare like with like.
+    """
+    accs = []
+    for start in range(0, tasks, chunk):
+        batch = work.samplers[split].sample(0, min(chunk, tasks - start), start=start)
+        for i in range(batch.support.shape[0]):
+            task = batch.task(i)
+            params, _ = work.test_solver(work.problem.inner_loss, dict(hparams), hparams,
+                                         (task.support, task.support_labels))
+            with torch.no_grad():
+                logits = functional_call(work.model, params, (task.query,))
+            accs.append((logits.argmax(-1) == task.query_labels).float().mean())
+    accs = torch.stack(accs).double()
+    ci = 1.96 * accs.std(unbiased=True).item() / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
+    return {"accuracy": accs.mean().item(), "ci95": ci, "tasks": len(accs)}
+
+
+def meta_step(work: Workload, hparams, tasks: Tasks):
+    """One hypergradient over a stack of tasks: ``(grad, outer_loss, per-task query accuracies, Hypergrad)``."""
+    cfg = work.cfg.meta
+    out = bl.meta_grad(work.method, work.problem, hparams, (tasks.support, tasks.support_labels),
+                       (tasks.query, tasks.query_labels), batching=cfg.batching, chunk_size=cfg.chunk_size,
+                       on_nonconvergence=cfg.on_nonconvergence,
+                       on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
+    with torch.no_grad():
+        acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
+    return out.grad, out.outer_loss.detach(), acc, out
+
+
+def make_optimizer(cfg: DictConfig, hparams):
+    tensors = list(hparams.values())
+    if cfg.meta.optimizer == "adam":
+        return torch.optim.Adam(tensors, lr=cfg.meta.lr)
+    return torch.optim.SGD(tensors, lr=cfg.meta.lr)
+
+
+def meta_lr(cfg: DictConfig, step: int) -> float:
+    """The meta learning rate at ``step`` (a pure function of the step, so a resumed run follows it exactly)."""
+    if cfg.meta.schedule == "linear":
+        return cfg.meta.lr * (1 - step / cfg.meta.steps)
+    return cfg.meta.lr
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _plot_curves(path: Path, history: dict, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = torch.tensor(history["step"], dtype=torch.float64)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    window = max(1, len(steps) // 100)
+    for values, ax, label in ((history["loss"], ax_loss, "meta-train query loss"),
+                              (history["acc"], ax_acc, "meta-train query accuracy")):
+        v = torch.tensor(values, dtype=torch.float64)
+        if len(v) >= window:  # moving average: per-step values of a small meta-batch are noisy
+            smooth = v.unfold(0, window, 1).mean(1)
+            ax.plot(steps[window - 1:], smooth, label=f"{label} (avg of {window})")
+        ax.set_xlabel("meta-step")
+    if history["val_step"]:
+        ax_acc.errorbar(history["val_step"], history["val_acc"], yerr=history["val_ci"], fmt="o-", ms=3,
+                        label="validation accuracy (95% CI)")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _protocol(cfg: DictConfig) -> str:
+    d, t, i = cfg.data, cfg.task, cfg.inner
+    return (f"{t.ways}-way {t.shots}-shot, {t.queries} train / {cfg.eval.queries or t.queries} test queries per "
+            f"class; {d.protocol} split (seed {d.split_seed}); rotation {d.rotation}; conv4 with transductive "
+            f"batch norm (batch statistics of support and query sets, no running statistics); inner "
+            f"{i.solver} lr {i.lr} x {i.steps} steps (test: lr {i.test_lr or i.lr} x {i.test_steps})")
+
+
+def main(cfg: DictConfig, data=None) -> dict:
+    """Train (or resume), validate, test; returns the results dict written to ``results.json``."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    ctx = dist.setup(cfg)
+    work = build(cfg, data)
+    run_dir = Path(cfg.run.dir or Path("runs") / "omniglot" / cfg.run.name)
+    ckpt_path = run_dir / "checkpoint.pt"
+    hparams = work.model.init_params()
+    opt = make_optimizer(cfg, hparams)
+    history = {"step": [], "loss": [], "acc": [], "val_step": [], "val_acc": [], "val_ci": []}
+    start, elapsed, wandb_id = 0, 0.0, None
+    if cfg.run.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=False)
+        saved = OmegaConf.create(state["config"])
+        for key in ("task", "method", "inner", "data"):
+            if OmegaConf.to_container(saved[key]) != OmegaConf.to_container(cfg[key]):
+                raise ValueError(f"--resume: the config's {key!r} section differs from the checkpoint's at "
+                                 f"{ckpt_path}; resume with the same settings or use another run.dir.")
+        with torch.no_grad():
+            for k, v in state["hparams"].items():
+                hparams[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        history, start, elapsed, wandb_id = state["history"], state["step"], state["elapsed"], state["wandb_id"]
+    elif cfg.run.resume and ctx.is_main:
+        print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
+
+    wandb_run = None
+    if cfg.wandb.mode != "disabled" and ctx.is_main:
+        import wandb
+        run_dir.mkdir(parents=True, exist_ok=True)
+        wandb_run = wandb.init(project=cfg.wandb.project, name=cfg.run.name, mode=cfg.wandb.mode, dir=str(run_dir),
+                               config=OmegaConf.to_container(cfg), id=wandb_id, resume="allow")
+        wandb_id = wandb_run.id
+
+    def checkpoint(step):
+        if ctx.is_main:
+            _save_checkpoint(ckpt_path, {
+                "step": step, "hparams": hparams, "optimizer": opt.state_dict(), "history": history,
+                "elapsed": elapsed, "wandb_id": wandb_id, "config": OmegaConf.to_container(cfg),
+                "ways": cfg.task.ways})
+
+    per_rank = ctx.shard(cfg.meta.batch)
+    bar = tqdm(total=cfg.meta.steps, initial=start, unit="meta-step", desc=cfg.run.name, dynamic_ncols=True,
+               disable=not (cfg.run.progress and ctx.is_main), mininterval=1.0)
+    tic = time.perf_counter()
+    for step in range(start, cfg.meta.steps):
+        tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
+        grad, loss, acc, out = meta_step(work, hparams, tasks)
+        grad, loss, acc = ctx.all_reduce_mean(grad, loss, acc.mean(), nonfinite=out.inner_info.nonfinite.any())
+        for group in opt.param_groups:
+            group["lr"] = meta_lr(cfg, step)
+        for k, v in hparams.items():
+            v.grad = grad[k]
+        opt.step()
+        history["step"].append(step + 1)
+        history["loss"].append(loss.item())
+        history["acc"].append(acc.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}", refresh=False)
+        log = {"train/loss": loss.item(), "train/acc": acc.item(), "meta_lr": meta_lr(cfg, step)}
+        done = step + 1
+        if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.meta.steps) and ctx.is_main:
+            val = evaluate(work, hparams, "val", cfg.eval.val_tasks)
+            history["val_step"].append(done)
+            history["val_acc"].append(val["accuracy"])
+            history["val_ci"].append(val["ci95"])
+            log.update({"val/acc": val["accuracy"], "val/ci95": val["ci95"]})
+            bar.write(f"step {done}: validation accuracy {100 * val['accuracy']:.2f} "
+                      f"+- {100 * val['ci95']:.2f} % ({val['tasks']} tasks)")
+        if wandb_run is not None:
+            wandb_run.log(log, step=done)
+        if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
+            elapsed += time.perf_counter() - tic
+            tic = time.perf_counter()
+            checkpoint(done)
+    bar.close()
+    elapsed += time.perf_counter() - tic
+    if start < cfg.meta.steps or not ckpt_path.is_file():
+        checkpoint(cfg.meta.steps)
+
+    results = None
+    if ctx.is_main:
+        test = evaluate(work, hparams, "test", cfg.eval.test_tasks)
+        results = {
+            "name": cfg.run.name, "method": cfg.method.name, "protocol": _protocol(cfg),
+            "test": test, "meta_steps": cfg.meta.steps, "meta_batch": cfg.meta.batch,
+            "train_wall_time_s": round(elapsed, 1),
+            "final_val": ({"step": history["val_step"][-1], "accuracy": history["val_acc"][-1],
+                           "ci95": history["val_ci"][-1]} if history["val_step"] else None),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "world_size": ctx.world_size},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join(sys.argv), "config": OmegaConf.to_container(cfg),
+        }
+        _atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+        _plot_curves(run_dir / "curves.png", history, f"{cfg.run.name}: {_protocol(cfg)}\ntest accuracy "
+                     f"{100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % on {test['tasks']} tasks")
+        print(f"{cfg.run.name}: test accuracy {100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % "
+              f"(95% CI, {test['tasks']} tasks; {cfg.meta.steps} meta-steps, {elapsed / 60:.1f} min training) "
+              f"-> {run_dir / 'results.json'}")
+        if wandb_run is not None:
+            wandb_run.summary.update({"test/acc": test["accuracy"], "test/ci95": test["ci95"]})
+            wandb_run.finish()
+    ctx.close()
+    return results
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse ``[--config NAME] [--resume] key=value ...`` and run :func:`main`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, overrides = "demo", []
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            return {}
+        if arg == "--resume":
+            overrides.append("run.resume=true")
+        elif arg == "--config":
+            if not argv:
+                raise SystemExit("--config needs a name, e.g. --config maml_5w1s")
+            name = argv.pop(0)
+        elif arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("config="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume and key=value overrides.")
+        else:
+            overrides.append(arg)
+    return main(load_config(name, overrides))
