@@ -1,0 +1,77 @@
+"""Arithmetic on dicts of tensors (the ``params`` / ``hparams`` trees), out of place and vmap-safe."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Tree = dict[str, Tensor]
+
+
+def map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - mirrors jax.tree.map
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] + b[k] for k in a}
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(s, a: Tree) -> Tree:
+    return {k: s * v for k, v in a.items()}
+
+
+def axpy(s, x: Tree, y: Tree) -> Tree:
+    """``s * x + y``."""
+    return {k: s * x[k] + y[k] for k in x}
+
+
+def neg(a: Tree) -> Tree:
+    return {k: -v for k, v in a.items()}
+
+
+def vdot(a: Tree, b: Tree) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def norm(a: Tree) -> Tensor:
+    return torch.sqrt(vdot(a, a))
+
+
+def zeros_like(a: Tree) -> Tree:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def detach(a: Tree) -> Tree:
+    return {k: v.detach() for k, v in a.items()}
+
+
+def where(cond: Tensor, a: Tree, b: Tree) -> Tree:
+    """Elementwise ``a if cond else b`` with a scalar boolean ``cond``: the masked update of every solver."""
+    return {k: torch.where(cond, a[k], b[k]) for k in a}
+
+
+def all_finite(a: Tree) -> Tensor:
+    return torch.stack([torch.isfinite(v).all() for v in a.values()]).all()
+
+
+def flatten(a: Tree) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in a.values()])
+
+
+def unflatten(flat: Tensor, like: Tree) -> Tree:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = flat[i:i + v.numel()].reshape(v.shape)
+        i += v.numel()
+    return out
+
+
+def describe(a: Tree) -> str:
+    """``{name: shape}`` for error messages."""
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in a.items()) + "}"
