@@ -36,7 +36,6 @@ on tensors is possible, so the policy is skipped there: pass ``return_info=True`
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -45,39 +44,27 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .conditions import Condition
+from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
 from .implicit import root_vjp
 from .linear_solve import CG, GMRES, Neumann
 from .root_find import Anderson, Newton, _under_vmap, fixed_point_residual
 from .types import SolveInfo
 
-_POLICIES = ("raise", "warn", "ignore")
 Backward = Union[str, Callable]
 
 
-class NonConvergenceError(RuntimeError):
-    """A solve stopped at its step budget with ``residual > tol``."""
-
-
-class NonFiniteError(RuntimeError):
-    """A solve produced NaN or inf."""
-
-
 def _report(what: str, info: SolveInfo, tol: Optional[float], hint: str, on_nonconvergence: str, on_nonfinite: str):
-    """Apply the policy to one (possibly batched) ``SolveInfo``; outside vmap only."""
+    """Apply the engine's policy (``bilevel.diagnostics``) to one, possibly batched, ``SolveInfo``; outside vmap."""
+    count = f" ({int(info.nonfinite.sum())} of {info.nonfinite.numel()} problems)" if info.nonfinite.dim() else ""
     if on_nonfinite != "ignore" and bool(info.nonfinite.any()):
-        msg = (f"{what}: NaN or inf in the solution or its residual ({int(info.nonfinite.sum())} of "
-               f"{info.nonfinite.numel()} problems). Check the inputs, or damp the solver.")
-        if on_nonfinite == "raise":
-            raise NonFiniteError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        _policy(on_nonfinite, NonFiniteError, f"{what}: NaN or inf in the solution or its residual{count}. Check the "
+                                              f"inputs, or damp the solver.")
     failed = ~info.converged & ~info.nonfinite
     if on_nonconvergence != "ignore" and bool(failed.any()):
-        msg = (f"{what}: did not converge in {int(info.steps.max())} steps: residual {float(info.residual.max()):.3g}"
-               f"{'' if tol is None else f' > tol {tol:g}'} ({int(failed.sum())} of {failed.numel()} problems). "
-               f"{hint}")
-        if on_nonconvergence == "raise":
-            raise NonConvergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        count = f" ({int(failed.sum())} of {failed.numel()} problems)" if failed.dim() else ""
+        _policy(on_nonconvergence, NonConvergenceError,
+                f"{what}: did not converge in {int(info.steps.max())} steps: residual "
+                f"{float(info.residual[failed].max()):.3g}{'' if tol is None else f' > tol {tol:g}'}{count}. {hint}")
 
 
 @dataclass(frozen=True)
@@ -155,8 +142,8 @@ def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: 
         raise TypeError(f"{name}: z0 must be a floating-point Tensor (the starting point, shaped like the "
                         f"solution), got {type(z0).__name__ if not isinstance(z0, Tensor) else z0.dtype}.")
     for key, value in (("on_nonconvergence", on_nonconvergence), ("on_nonfinite", on_nonfinite)):
-        if value not in _POLICIES:
-            raise ValueError(f"{name}({key}={value!r}): must be one of {_POLICIES}.")
+        if value not in POLICIES:
+            raise ValueError(f"{name}({key}={value!r}): must be one of {POLICIES}.")
     if not callable(solver):
         raise TypeError(f"{name}(solver=...): expected a solver from bilevel.root_find such as Anderson(), got "
                         f"{type(solver).__name__}.")
