@@ -1,0 +1,113 @@
+"""One tuning experiment from a config: baselines and hypergradient descent on the same task, results and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .config import validate
+from .plots import plot_history, plot_landscape
+from .problems import make_task
+from .tuning import (best, grid_values, hypergradient_descent, make_solver, random_values, search,
+                     sklearn_reference)
+
+
+def run(cfg, write: bool = True) -> dict:
+    """Run grid search, random search and hypergradient descent as ``cfg`` says; return (and write) the results.
+
+    Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``.
+    """
+    import wandb
+
+    validate(cfg)
+    task = make_task(cfg.data.name, cfg.model.kind, cfg.model.decay, cfg.data.n_train, cfg.data.n_val,
+                     cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root)
+    solver = make_solver(cfg.inner.solver, cfg.inner.lr, cfg.inner.steps, cfg.inner.tol, cfg.inner.momentum)
+    n_hparams = sum(math.prod(s) for s in task.hparam_shapes().values())
+    run_ = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg),
+                      name=f"{task.name}/{cfg.outer.method}", reinit="finish_previous")
+    try:
+        grid, grid_cost = search(task, solver, grid_values(cfg.search.low, cfg.search.high, cfg.search.grid_points),
+                                 progress=cfg.progress, desc="grid")
+        rand, rand_cost = ([], None)
+        if cfg.search.random_points:
+            rand, rand_cost = search(task, solver, random_values(cfg.search.low, cfg.search.high,
+                                                                 cfg.search.random_points, cfg.data.seed),
+                                     progress=cfg.progress, desc="random")
+        method_kwargs = dict(linear_steps=cfg.outer.linear_steps, linear_tol=cfg.outer.linear_tol,
+                             neumann_alpha=cfg.outer.neumann_alpha, truncate=cfg.outer.truncate)
+        tuned = hypergradient_descent(
+            task, cfg.outer.method, solver, cfg.outer.init_wd, cfg.outer.steps, cfg.outer.lr, cfg.outer.max_log_step,
+            method_kwargs, cfg.outer.hoag, cfg.outer.hoag_tol0, cfg.outer.hoag_decay, cfg.outer.warm_start,
+            on_step=lambda k, r: run_.log({f"hypergrad/{n}": v for n, v in r.items() if v is not None}, step=k),
+            progress=cfg.progress)
+    finally:
+        run_.finish()
+
+    grid_best = best(grid)
+    rel_gap = (tuned.final["val_loss"] - grid_best["val_loss"]) / abs(grid_best["val_loss"])
+    results = {
+        "task": task.name,
+        "n_hparams": n_hparams,
+        "splits": {"train": len(task.train[1]), "val": len(task.val[1]), "test": len(task.test[1])},
+        "config": OmegaConf.to_container(cfg),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "hypergrad": {"final": tuned.final, "cost": tuned.cost.as_dict(), "history": tuned.history,
+                      "nonconverged_steps": tuned.nonconverged_steps,
+                      "val_gap_to_grid_best": rel_gap},
+        "grid": {"best": grid_best, "cost": grid_cost.as_dict(), "points": grid},
+        "random": {"best": best(rand) if rand else None, "cost": rand_cost.as_dict() if rand_cost else None,
+                   "points": rand},
+    }
+    if cfg.search.sklearn:
+        results["sklearn"] = {
+            "at_grid_best": sklearn_reference(task, {"log_wd": torch.tensor(math.log(grid_best["wd"]))}),
+            "at_hypergrad": sklearn_reference(task, tuned.hparams),
+        }
+    if n_hparams > 1:
+        results["hypergrad"]["log_wd"] = {k: v.tolist() for k, v in tuned.hparams.items()}
+    if cfg.data.noise_features and cfg.model.decay == "feature":
+        log_wd = tuned.hparams["log_wd"].reshape(-1)
+        d = log_wd.numel() - cfg.data.noise_features
+        results["hypergrad"]["geomean_wd_real_features"] = math.exp(float(log_wd[:d].mean()))
+        results["hypergrad"]["geomean_wd_noise_features"] = math.exp(float(log_wd[d:].mean()))
+    if write:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        title = f"{task.name}, {cfg.outer.method}"
+        plot_history(tuned.history, out / "history.png", title)
+        plot_landscape(grid, tuned.history, out / "landscape.png", title, rand)
+    return results
+
+
+def summary(results: dict) -> str:
+    """A few lines for the terminal."""
+    h, g = results["hypergrad"], results["grid"]
+    lines = [
+        f"{results['task']} ({results['n_hparams']} hparams, splits {results['splits']})",
+        f"  hypergradient: val {h['final']['val_loss']:.5f} test {h['final']['test_loss']:.5f} "
+        f"({h['cost']['inner_solves']} solves, {h['cost']['inner_steps']} inner steps, {h['cost']['hvps']} HVPs, "
+        f"{h['cost']['seconds']:.1f}s); val gap to grid best {100 * h['val_gap_to_grid_best']:+.2f}%",
+        f"  grid-{len(g['points'])}: best λ {g['best']['wd']:.3g} val {g['best']['val_loss']:.5f} "
+        f"test {g['best']['test_loss']:.5f} ({g['cost']['inner_solves']} solves, {g['cost']['inner_steps']} inner "
+        f"steps, {g['cost']['seconds']:.1f}s)",
+    ]
+    if results["random"]["best"]:
+        r = results["random"]
+        lines.append(f"  random-{len(r['points'])}: best λ {r['best']['wd']:.3g} val {r['best']['val_loss']:.5f} "
+                     f"test {r['best']['test_loss']:.5f} ({r['cost']['seconds']:.1f}s)")
+    if results.get("sklearn"):
+        for k, v in results["sklearn"].items():
+            if v:
+                lines.append(f"  scikit-learn {k}: val {v['val_loss']:.5f} test {v['test_loss']:.5f}")
+    return "\n".join(lines)
