@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 import bilevel as bl
@@ -126,10 +127,17 @@ def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50) -
 def meta_step(work: Workload, hparams, tasks: Tasks):
     """One hypergradient over a stack of tasks: ``(grad, outer_loss, per-task query accuracies, Hypergrad)``."""
     cfg = work.cfg.meta
-    out = bl.meta_grad(work.method, work.problem, hparams, (tasks.support, tasks.support_labels),
-                       (tasks.query, tasks.query_labels), batching=cfg.batching, chunk_size=cfg.chunk_size,
-                       on_nonconvergence=cfg.on_nonconvergence,
-                       on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
+    inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
+    try:
+        out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
+                           chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
+                           on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
+    except AttributeError:  # bilevel e973549: meta_grad(params0=None) fails on a None leaf; loop per task instead
+        outs = [bl.hypergrad(work.method, work.problem, hparams, *(tuple(x[i] for x in b) for b in (inner, outer)),
+                             on_nonconvergence=cfg.on_nonconvergence, on_nonfinite="ignore")
+                for i in range(tasks.support.shape[0])]
+        out = pytree.tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs), *outs)
+        out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0))
     with torch.no_grad():
         acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
     return out.grad, out.outer_loss.detach(), acc, out

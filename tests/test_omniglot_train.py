@@ -1,0 +1,179 @@
+"""Omniglot training: every method learns, resume is exact, configs and inputs are validated, inference works."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tasks.omniglot import train
+from tasks.omniglot.config import load_config
+from tasks.omniglot.data import load_omniglot, resolve_root
+from tasks.omniglot.inference import FewShotClassifier, load_images
+from tasks.omniglot.model import Conv4
+
+DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SMALL = [f"data.root={DATA}", "data.background=images_background_small1", "data.evaluation=null",
+         "data.num_train=100", "data.num_val=16", "wandb.mode=disabled", "run.progress=false",
+         "eval.val_tasks=4", "eval.test_tasks=6", "inner.test_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    if not (resolve_root(DATA) / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot small zips not found under {DATA} (set BILEVEL_DATA)")
+    return load_omniglot(("images_background_small1",), DATA, download=False, cache=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: small convolutions gain nothing from more, and a shared machine stays responsive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, *overrides):
+    return load_config("demo", SMALL + [f"run.dir={tmp_path}", "run.threads=null"] + list(overrides))
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("maml", []), ("fomaml", []), ("imaml", ["inner.steps=3", "method.cg_steps=3"]),
+    ("reptile", ["inner.solver=adam", "inner.lr=0.001", "inner.steps=3"]),
+    ("neumann", ["inner.steps=3", "method.neumann_steps=5", "method.neumann_alpha=0.01"]),
+])
+def test_a_meta_step_of_each_method_lowers_the_query_loss(small, tmp_path, method, extra):
+    torch.manual_seed(0)
+    work = train.build(tiny(tmp_path, f"method.name={method}", "task.queries=3", *extra), small)
+    hparams = work.model.init_params()
+    tasks = work.samplers["train"].sample(0, 3)
+    grad, before, _, out = train.meta_step(work, hparams, tasks)
+    assert set(grad) == set(hparams) and all(torch.isfinite(g).all() for g in grad.values())
+    assert out.params["head.weight"].shape[0] == 3           # per-task solutions are kept
+    lr = {"reptile": 0.5}.get(method, 0.003)                 # Reptile: SGD on theta - w* (interpolation)
+    stepped = {k: v - lr * grad[k] for k, v in hparams.items()}
+    _, after, _, _ = train.meta_step(work, stepped, tasks)
+    assert after < before - 1e-3, (method, before.item(), after.item())
+
+
+def _final_hparams(run_dir: Path):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["hparams"]
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkeypatch):
+    args = ["method.name=fomaml", "meta.batch=2", "meta.steps=5", "run.checkpoint_every=2", "eval.every=2"]
+    straight = train.main(tiny(tmp_path / "a", *args), small)
+
+    real_step, calls = train.meta_step, {"n": 0}
+
+    def crash_on_fourth_step(*a, **k):       # dies after the checkpoint at step 2 and one more step
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "meta_step", crash_on_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path / "b", *args), small)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "b" / "results.json").exists()   # a failed run leaves no results
+    assert not list((tmp_path / "b").glob("*.tmp"))          # nor half-written files
+    monkeypatch.setattr(train, "meta_step", real_step)
+    resumed = train.main(tiny(tmp_path / "b", *args, "run.resume=true"), small)
+
+    a, b = _final_hparams(tmp_path / "a"), _final_hparams(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"] == straight["test"]
+    history = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["history"]
+    assert history["step"] == [1, 2, 3, 4, 5] and history["val_step"] == [2, 4, 5]
+
+
+def test_resume_refuses_a_different_task(small, tmp_path):
+    train.main(tiny(tmp_path, "method.name=fomaml", "meta.batch=1", "meta.steps=1", "eval.every=0"), small)
+    with pytest.raises(ValueError, match="'task' section differs"):
+        train.main(tiny(tmp_path, "method.name=fomaml", "meta.batch=1", "meta.steps=2", "task.ways=4",
+                        "run.resume=true"), small)
+
+
+def test_script_smoke_run_writes_results_and_curves(small, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    results = train.cli(["--config", "demo", *SMALL, "meta.steps=3", "meta.batch=2", "eval.every=2",
+                         "method.name=fomaml", f"run.dir={run_dir}", "run.threads=null"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["test"] == results["test"] and saved["test"]["tasks"] == 6
+    assert 0 <= saved["test"]["accuracy"] <= 1 and saved["test"]["ci95"] >= 0
+    assert saved["meta_steps"] == 3 and "transductive batch norm" in saved["protocol"]
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.ways=1", "task.ways"), ("task.queries=20", "20 drawings"), ("method.name=maml2", "method.name"),
+    ("meta.batching=pmap", "meta.batching"), ("wandb.mode=cloud", "wandb.mode"), ("meta.bacth=3", "bacth"),
+    ("meta.steps=many", "meta.steps"),
+])
+def test_invalid_config_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("demo", [override])
+
+
+def test_unknown_config_name_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="maml_5w1s"):
+        load_config("mamll", [])
+
+
+def test_impossible_task_fails_before_training(small, tmp_path):
+    with pytest.raises(ValueError, match="val split.*lower task.ways"):
+        train.build(tiny(tmp_path, "task.ways=20", "data.num_val=5"), small)
+
+
+def test_every_shipped_config_loads():
+    names = sorted(p.stem for p in Path(train.__file__).resolve().parents[2].joinpath("configs", "omniglot")
+                   .glob("*.yaml"))
+    assert len(names) == 21
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.run.name == name
+
+
+def test_inference_adapts_to_a_known_task_from_pngs(small, tmp_path):
+    torch.manual_seed(0)
+    hparams = Conv4(5).init_params()
+    clf = FewShotClassifier(hparams, inner_lr=0.4, inner_steps=30)
+    # A 3-way 2-shot task from 3 characters, given as 105x105 PNGs like the official files (dark strokes).
+    paths, labels = [], []
+    for c, name in enumerate(["alpha", "beta", "gamma"]):
+        for d in range(2):
+            img = Image.fromarray(255 - small.images[10 * c, d].numpy()).resize((105, 105))
+            paths.append(tmp_path / f"{name}_{d}.png")
+            img.save(paths[-1])
+            labels.append(name)
+    task = clf.adapt(paths, labels)
+    assert task.classes == ["alpha", "beta", "gamma"]
+    assert task.predict(paths) == labels                       # it fits its own support set
+    proba = task.predict_proba(paths)
+    assert proba.shape == (6, 3) and torch.allclose(proba.sum(1), torch.ones(6))
+    # Tensors in the training format are accepted too and match the PNG route closely.
+    tensors = load_images(paths)
+    assert tensors.shape == (6, 1, 28, 28)
+    assert (tensors - small.images[[0, 0, 10, 10, 20, 20], [0, 1, 0, 1, 0, 1]].float()[:, None] / 255).abs() \
+        .mean() < 0.05
+    with pytest.raises(ValueError, match="2 classes"):
+        clf.adapt(tensors[:2], ["a", "a"])
+    with pytest.raises(ValueError, match="cannot read image"):
+        clf.adapt([tmp_path / "missing.png", paths[0]], ["a", "b"])
+
+
+def test_inference_loads_a_training_checkpoint(small, tmp_path):
+    train.main(tiny(tmp_path, "method.name=fomaml", "meta.batch=2", "meta.steps=2", "eval.every=0"), small)
+    clf = FewShotClassifier.load(tmp_path / "checkpoint.pt")
+    assert clf.solver.steps == 2 and clf.ways == 5
+    batch = train.build(tiny(tmp_path), small).samplers["test"].sample(0, 1).task(0)
+    task = clf.adapt(batch.support[:, 0], batch.support_labels.tolist())
+    assert len(task.predict(batch.query)) == batch.query.shape[0]
