@@ -220,8 +220,8 @@ class Implicit:
 
     ``dL_out/dλ = ∂L_out/∂λ + uᵀ ∂F/∂λ`` with ``(∂F/∂w)ᵀ u = −∂L_out/∂w``, solved by ``linear_solver``. Memory is
     independent of the inner steps. The answer is exact only when the inner solve reached ``F(w) = 0`` and the
-    linear solve converged: ``inner_info.residual`` is replaced by ``||F(w*)||`` (and ``converged`` by
-    ``||F(w*)|| <= solver.tol``), and ``linear_info`` carries the adjoint solve's residual.
+    linear solve converged: ``inner_info.residual`` is replaced by ``||F(w*)||`` (``converged`` is the solver's
+    own verdict or ``||F(w*)|| <= solver.tol``), and ``linear_info`` carries the adjoint solve's residual.
 
     Args:
         linear_solver: ``CG()`` (symmetric positive definite: stationarity, iMAML), ``GMRES()`` or
@@ -260,7 +260,7 @@ class Implicit:
         g_implicit, linear_info, residual = root_vjp(condition, params, hparams, inner_batch, g_params,
                                                      self.linear_solver, self.hvp)
         rnorm = tree.norm(residual).detach()
-        info = info._replace(residual=rnorm, converged=rnorm <= problem.solver.tol,
+        info = info._replace(residual=rnorm, converged=info.converged | (rnorm <= problem.solver.tol),
                              nonfinite=info.nonfinite | ~torch.isfinite(rnorm))
         return Hypergrad(tree.add(g_hparams, g_implicit), loss, params, info, linear_info)
 
