@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .linear_solve import CG, Neumann
 from .types import Hypergrad, SolveInfo
 
 POLICIES = ("raise", "warn", "ignore")
@@ -32,7 +33,7 @@ def _tasks(mask: torch.Tensor) -> str:
     mask = mask.reshape(-1)
     bad = mask.nonzero().reshape(-1).tolist()
     if mask.numel() == 1:
-        return "the task" if bad else ""
+        return "the task"
     shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
     return f"{len(bad)}/{mask.numel()} tasks (index {shown})"
 
@@ -62,44 +63,43 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
         if value not in POLICIES:
             raise ValueError(f"{name}={value!r}: must be one of {POLICIES}.")
     call = repr(method)
-    ok = True
     grad_bad = ~torch.stack([torch.isfinite(g).all() for g in out.grad.values()]).all()
     loss_bad = ~torch.isfinite(out.outer_loss)
     inner_bad = out.inner_info.nonfinite
     linear_bad = out.linear_info.nonfinite if out.linear_info is not None else torch.zeros_like(inner_bad)
     if bool(grad_bad | loss_bad.any() | inner_bad.any() | linear_bad.any()):
-        ok = False
-        where = "; ".join(f"{w} ({_tasks(m) if m.dim() else 'the task'})" for w, m in
+        where = "; ".join(f"{w} ({_tasks(m)})" for w, m in
                           (("the inner solve", inner_bad), ("the adjoint linear solve", linear_bad),
                            ("the outer loss", loss_bad)) if bool(m.any())) or "the hypergradient"
         _policy(on_nonfinite, NonFiniteError,
-                f"{call}: the hypergradient is not finite: NaN or inf in {where}. Likely fixes: a smaller inner learning rate or fewer inner "
-                "steps (divergence), damping for the adjoint solve, a smaller Neumann alpha, or float64.")
-    needs_inner = getattr(method, "linear_solver", None) is not None
-    if needs_inner:
+                f"{call}: the hypergradient is not finite: NaN or inf in {where}. Likely fixes: a smaller inner "
+                "learning rate or fewer inner steps (divergence), damping for the adjoint solve, a smaller Neumann "
+                "alpha, or float64.")
+        return False
+    problems = []
+    if getattr(method, "linear_solver", None) is not None:  # implicit methods rely on both solves
         info: SolveInfo = out.inner_info
-        bad = ~info.converged & ~info.nonfinite
+        bad = ~info.converged
         if bool(bad.any()):
-            ok = False
-            _policy(on_nonconvergence, NonConvergenceError,
-                    f"{call}: the inner solve did not converge on {_tasks(bad)}: ||F(w)|| = {_worst(info.residual, bad):.3g}"
-                    f" > solver tol {solver_tol}. The implicit hypergradient is that of the exact solution, which the "
-                    "inner solver did not reach. Likely fixes: more inner steps, a larger inner lr, a positive "
-                    "solver tol that the budget can reach, or Unrolled() to differentiate the finite computation.")
+            problems.append(
+                f"the inner solve did not converge on {_tasks(bad)}: ||F(w)|| = {_worst(info.residual, bad):.3g} > "
+                f"solver tol {solver_tol}, so the implicit hypergradient (that of the exact solution) is "
+                "approximate. Likely fixes: more inner steps, a larger inner lr, a positive solver tol that the "
+                "budget can reach, or Unrolled() to differentiate the finite computation.")
         linfo: SolveInfo = out.linear_info
-        bad = ~linfo.converged & ~linfo.nonfinite
+        bad = ~linfo.converged
         if bool(bad.any()):
-            ok = False
             solver = method.linear_solver
             hint = "more steps"
             if linfo.indefinite is not None and bool(linfo.indefinite.any()):
-                hint = ("CG met negative curvature on " + _tasks(linfo.indefinite) + ": the system is indefinite "
-                        "(a Hessian away from a minimum); add damping > 0 or use GMRES()")
-            elif type(solver).__name__ == "Neumann":
-                hint = "more steps or a smaller alpha (the series converges only for alpha < 2/L)"
-            elif type(solver).__name__ == "CG":
-                hint = "more steps or damping > 0"
-            _policy(on_nonconvergence, NonConvergenceError,
-                    f"{call}: the adjoint linear solve {solver!r} did not converge on {_tasks(bad)}: relative "
-                    f"residual {_worst(linfo.residual, bad):.3g}. Likely fix: {hint}.")
-    return ok
+                hint = (f"CG met negative curvature on {_tasks(linfo.indefinite)}: the system is indefinite (a "
+                        "Hessian away from a minimum); add damping > 0, or use GMRES()")
+            elif isinstance(solver, Neumann):
+                hint = "more steps, or a smaller alpha (the series converges only for alpha < 2/L)"
+            elif isinstance(solver, CG):
+                hint = "more steps, or damping > 0"
+            problems.append(f"the adjoint linear solve {solver!r} did not converge on {_tasks(bad)}: relative "
+                            f"residual {_worst(linfo.residual, bad):.3g}. Likely fix: {hint}.")
+    if problems:
+        _policy(on_nonconvergence, NonConvergenceError, f"{call}: " + " Also, ".join(problems))
+    return not problems

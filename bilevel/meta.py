@@ -99,7 +99,8 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"meta_grad(chunk_size={chunk_size!r}): must be None or a positive int.")
     leaves = [(name, x) for name, tree in (("inner_batches", inner_batches), ("outer_batches", outer_batches),
-                                           ("params0", params0)) for x in pytree.tree_leaves(tree)]
+                                           ("params0", params0)) for x in pytree.tree_leaves(tree)
+              if isinstance(x, torch.Tensor)]
     sizes = {x.shape[0] if x.dim() else None for _, x in leaves}
     if not leaves or len(sizes) != 1 or None in sizes:
         shapes = ", ".join(f"{name}: {tuple(x.shape)}" for name, x in leaves)
