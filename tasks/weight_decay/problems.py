@@ -173,7 +173,7 @@ def make_task(
 
     if dataset in ("diabetes", "digits"):
         X, y = load_sklearn_dataset(dataset)
-        n_test = X.shape[0] - n_train - n_val if n_test is None else n_test
+        n_test = max(X.shape[0] - n_train - n_val, 0) if n_test is None else n_test
         tr, va, te = _split(X.shape[0], (n_train, n_val, n_test), seed)
         parts = [(X[i], y[i]) for i in (tr, va, te)]
     else:
