@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import bilevel as bl
+
 from tasks.omniglot import train
 from tasks.omniglot.config import load_config
 from tasks.omniglot.data import load_omniglot, resolve_root
@@ -43,22 +45,31 @@ def tiny(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("maml", []), ("fomaml", []), ("imaml", ["inner.steps=3", "method.cg_steps=3"]),
+    ("maml", []), ("fomaml", []),
+    ("imaml", ["inner.steps=3", "method.cg_steps=3", "meta.on_nonconvergence=ignore"]),
     ("reptile", ["inner.solver=adam", "inner.lr=0.001", "inner.steps=3"]),
-    ("neumann", ["inner.steps=3", "method.neumann_steps=5", "method.neumann_alpha=0.01"]),
+    ("neumann", ["inner.steps=3", "method.neumann_steps=5", "method.neumann_alpha=0.01",
+                 "meta.on_nonconvergence=ignore"]),
 ])
 def test_a_meta_step_of_each_method_lowers_the_query_loss(small, tmp_path, method, extra):
     torch.manual_seed(0)
     work = train.build(tiny(tmp_path, f"method.name={method}", "task.queries=3", *extra), small)
     hparams = work.model.init_params()
-    tasks = work.samplers["train"].sample(0, 3)
+    tasks = work.samplers["train"].sample(0, 2)
     grad, before, _, out = train.meta_step(work, hparams, tasks)
     assert set(grad) == set(hparams) and all(torch.isfinite(g).all() for g in grad.values())
-    assert out.params["head.weight"].shape[0] == 3           # per-task solutions are kept
+    assert out.params["head.weight"].shape[0] == 2           # per-task solutions are kept
     lr = {"reptile": 0.5}.get(method, 0.003)                 # Reptile: SGD on theta - w* (interpolation)
     stepped = {k: v - lr * grad[k] for k, v in hparams.items()}
     _, after, _, _ = train.meta_step(work, stepped, tasks)
     assert after < before - 1e-3, (method, before.item(), after.item())
+
+
+def test_implicit_nonconvergence_is_reported_not_hidden(small, tmp_path):
+    work = train.build(tiny(tmp_path, "method.name=imaml", "inner.steps=2", "method.cg_steps=1"), small)
+    with pytest.warns(bl.NonConvergenceWarning, match="did not converge"):
+        _, _, _, out = train.meta_step(work, work.model.init_params(), work.samplers["train"].sample(0, 2))
+    assert train.unconverged_fraction(out) == 1.0            # 1 CG step on a 112k-dimensional system
 
 
 def _final_hparams(run_dir: Path):
@@ -66,7 +77,8 @@ def _final_hparams(run_dir: Path):
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkeypatch):
-    args = ["method.name=fomaml", "meta.batch=2", "meta.steps=5", "run.checkpoint_every=2", "eval.every=2"]
+    args = ["method.name=fomaml", "meta.batch=2", "meta.steps=5", "run.checkpoint_every=2", "eval.every=2",
+            "eval.val_tasks=2", "eval.test_tasks=3"]
     straight = train.main(tiny(tmp_path / "a", *args), small)
 
     real_step, calls = train.meta_step, {"n": 0}

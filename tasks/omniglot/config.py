@@ -68,7 +68,8 @@ class MetaConfig:
     schedule: str = "constant"             # constant | linear (anneal to 0 at the last step)
     batching: str = "loop"                 # loop | vmap: how bl.meta_grad runs the tasks
     chunk_size: Optional[int] = None       # vmap chunk size
-    on_nonconvergence: str = "ignore"      # ignore | warn | raise (fixed-budget inner loops rarely "converge")
+    on_nonconvergence: str = "warn"        # ignore | warn | raise; implicit methods only (fixed-budget inner loops
+                                           # and adjoint solves that miss tol); the fraction is logged either way
     on_nonfinite: str = "raise"            # ignore | warn | raise
 
 

@@ -44,21 +44,26 @@ class Context:
                              f"use a meta-batch that is a multiple of --nproc_per_node.")
         return meta_batch // self.world_size
 
-    def all_reduce_mean(self, grad: dict, loss: torch.Tensor, acc: torch.Tensor, nonfinite: torch.Tensor):
-        """Average ``grad``, ``loss`` and ``acc`` over ranks; apply the non-finite policy on every rank at once."""
+    def all_reduce_mean(self, grad: dict, metrics: dict, nonfinite: torch.Tensor):
+        """Average ``grad`` and the scalar ``metrics`` over ranks; apply the non-finite policy on every rank at once.
+
+        Returns ``(grad, metrics)`` with plain floats in ``metrics``.
+        """
+        names = list(metrics)
+        scalars = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float64) for n in names]
+                              + [nonfinite.double().reshape(())])
         if self.world_size > 1:
             keys = list(grad)
-            flat = torch.cat([grad[k].reshape(-1) for k in keys]
-                             + [loss.reshape(1), acc.reshape(1).to(loss.dtype), nonfinite.reshape(1).to(loss.dtype)])
-            torch_dist.all_reduce(flat)  # one message for all of it
+            flat = torch.cat([grad[k].reshape(-1).double() for k in keys] + [scalars])
+            torch_dist.all_reduce(flat)  # one message for everything; the mean of equal-sized rank means
             flat = flat / self.world_size
             out, i = {}, 0
             for k in keys:
-                out[k] = flat[i:i + grad[k].numel()].view_as(grad[k])
+                out[k] = flat[i:i + grad[k].numel()].view_as(grad[k]).to(grad[k].dtype)
                 i += grad[k].numel()
-            grad, loss, acc, nonfinite = out, flat[i], flat[i + 1], flat[i + 2] > 0
-        bad = bool(nonfinite) or not all(torch.isfinite(g).all() for g in grad.values())
-        if bad:
+            grad, scalars = out, flat[i:]
+        metrics = dict(zip(names, scalars[:-1].tolist()))
+        if scalars[-1] > 0 or not all(torch.isfinite(g).all() for g in grad.values()):
             message = ("non-finite hypergradient on at least one rank; lower the inner or meta learning rate, "
                        "or check the data")
             if self.on_nonfinite == "raise":
@@ -66,7 +71,7 @@ class Context:
             if self.on_nonfinite == "warn":
                 warnings.warn(message + "; this outer step is skipped on every rank.", RuntimeWarning, stacklevel=2)
             grad = {k: torch.zeros_like(v) for k, v in grad.items()}  # skip: every rank takes a zero step
-        return grad, loss, acc
+        return grad, metrics
 
     def close(self) -> None:
         if self.owns_group and torch_dist.is_initialized():

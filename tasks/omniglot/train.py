@@ -132,7 +132,9 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
         out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
                            chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
                            on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
-    except AttributeError:  # bilevel e973549: meta_grad(params0=None) fails on a None leaf; loop per task instead
+    except (AttributeError, TypeError):
+        # bilevel 59a05a6: meta_grad(batching="loop") fails on None leaves (params0=None, linear_info=None).
+        # Same computation, one task at a time; a genuine error is raised again by bl.hypergrad below.
         outs = [bl.hypergrad(work.method, work.problem, hparams, *(tuple(x[i] for x in b) for b in (inner, outer)),
                              on_nonconvergence=cfg.on_nonconvergence, on_nonfinite="ignore")
                 for i in range(tasks.support.shape[0])]
@@ -141,6 +143,20 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     with torch.no_grad():
         acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
     return out.grad, out.outer_loss.detach(), acc, out
+
+
+def unconverged_fraction(out) -> torch.Tensor:
+    """Fraction of tasks whose adjoint linear solve missed its tolerance (implicit methods; 0 for the others)."""
+    if out.linear_info is None:
+        return torch.zeros(())
+    return (~out.linear_info.converged).double().mean()
+
+
+def _nonfinite(grad, out) -> torch.Tensor:
+    flags = [out.inner_info.nonfinite.any(), ~torch.isfinite(out.outer_loss)]
+    if out.linear_info is not None:
+        flags.append(out.linear_info.nonfinite.any())
+    return torch.stack(flags + [~torch.isfinite(g).all() for g in grad.values()]).any()
 
 
 def make_optimizer(cfg: DictConfig, hparams):
@@ -208,7 +224,7 @@ def main(cfg: DictConfig, data=None) -> dict:
     ckpt_path = run_dir / "checkpoint.pt"
     hparams = work.model.init_params()
     opt = make_optimizer(cfg, hparams)
-    history = {"step": [], "loss": [], "acc": [], "val_step": [], "val_acc": [], "val_ci": []}
+    history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": []}
     start, elapsed, wandb_id = 0, 0.0, None
     if cfg.run.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False)
@@ -222,6 +238,7 @@ def main(cfg: DictConfig, data=None) -> dict:
                 hparams[k].copy_(v)
         opt.load_state_dict(state["optimizer"])
         history, start, elapsed, wandb_id = state["history"], state["step"], state["elapsed"], state["wandb_id"]
+        history.setdefault("unconverged", [0.0] * len(history["step"]))  # checkpoints from before this metric
     elif cfg.run.resume and ctx.is_main:
         print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
 
@@ -247,18 +264,19 @@ def main(cfg: DictConfig, data=None) -> dict:
     for step in range(start, cfg.meta.steps):
         tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
         grad, loss, acc, out = meta_step(work, hparams, tasks)
-        grad, loss, acc = ctx.all_reduce_mean(grad, loss, acc.mean(), nonfinite=out.inner_info.nonfinite.any())
+        metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out)}
+        grad, metrics = ctx.all_reduce_mean(grad, metrics, nonfinite=_nonfinite(grad, out))
         for group in opt.param_groups:
             group["lr"] = meta_lr(cfg, step)
         for k, v in hparams.items():
             v.grad = grad[k]
         opt.step()
         history["step"].append(step + 1)
-        history["loss"].append(loss.item())
-        history["acc"].append(acc.item())
+        for name in ("loss", "acc", "unconverged"):
+            history[name].append(metrics[name])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}", refresh=False)
-        log = {"train/loss": loss.item(), "train/acc": acc.item(), "meta_lr": meta_lr(cfg, step)}
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}", refresh=False)
+        log = {f"train/{k}": v for k, v in metrics.items()} | {"meta_lr": meta_lr(cfg, step)}
         done = step + 1
         if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.meta.steps) and ctx.is_main:
             val = evaluate(work, hparams, "val", cfg.eval.val_tasks)
@@ -286,6 +304,8 @@ def main(cfg: DictConfig, data=None) -> dict:
             "name": cfg.run.name, "method": cfg.method.name, "protocol": _protocol(cfg),
             "test": test, "meta_steps": cfg.meta.steps, "meta_batch": cfg.meta.batch,
             "train_wall_time_s": round(elapsed, 1),
+            "adjoint_unconverged_fraction": (sum(history["unconverged"]) / len(history["unconverged"])
+                                             if history["unconverged"] else 0.0),
             "final_val": ({"step": history["val_step"][-1], "accuracy": history["val_acc"][-1],
                            "ci95": history["val_ci"][-1]} if history["val_step"] else None),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
