@@ -91,7 +91,7 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
         if bool(bad.any()):
             solver = method.linear_solver
             hint = "more steps"
-            if linfo.indefinite is not None and bool(linfo.indefinite.any()):
+            if bool(linfo.indefinite.any()):
                 hint = (f"CG met negative curvature on {_tasks(linfo.indefinite)}: the system is indefinite (a "
                         "Hessian away from a minimum); add damping > 0, or use GMRES()")
             elif isinstance(solver, Neumann):

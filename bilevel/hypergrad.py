@@ -125,10 +125,10 @@ class Unrolled:
                 w, state = tree.detach(w), torch.utils._pytree.tree_map(torch.Tensor.detach, state)
             w, _, info = solver.run(problem.inner_loss, w, h, inner_batch, steps=tail, state=state, info=info)
             loss = problem.outer_loss(w, h, outer_batch)
-            return loss, (loss.detach(), tree.detach(w), tuple(info[:4]))  # aux may hold tensors only
+            return loss, (loss.detach(), tree.detach(w), info)
 
         g, (loss, params, info) = grad(outer, has_aux=True)(hparams)
-        return Hypergrad(g, loss, params, SolveInfo(*info))
+        return Hypergrad(g, loss, params, info)
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,14 @@ class Forward:
 
         def outer(h):
             w, info = problem.solver(problem.inner_loss, problem.start(h, params0), h, inner_batch)
-            return problem.outer_loss(w, h, outer_batch), (w, tuple(info[:4]))
+            return problem.outer_loss(w, h, outer_batch), (w, info)
 
         derivs = []
         flat = tree.flatten(hparams)
         for e in torch.eye(n, dtype=flat.dtype, device=flat.device):
             loss, dloss, (w, info) = jvp(outer, (hparams,), (tree.unflatten(e, hparams),), has_aux=True)
             derivs.append(dloss)
-        return Hypergrad(tree.unflatten(torch.stack(derivs), hparams), loss.detach(), tree.detach(w),
-                         SolveInfo(*info))
+        return Hypergrad(tree.unflatten(torch.stack(derivs), hparams), loss.detach(), tree.detach(w), info)
 
 
 def _check_meta_init(name: str, problem: Problem, hparams: HParams, params0: Optional[Params]) -> Params:

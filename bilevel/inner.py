@@ -79,7 +79,8 @@ class InnerSolver:
         if info is None:
             info = SolveInfo(steps=ref.new_zeros((), dtype=torch.long), residual=ref.new_full((), float("inf")),
                              converged=ref.new_zeros((), dtype=torch.bool),
-                             nonfinite=ref.new_zeros((), dtype=torch.bool))
+                             nonfinite=ref.new_zeros((), dtype=torch.bool),
+                             indefinite=ref.new_zeros((), dtype=torch.bool))
         count, gnorm, done, bad = info[:4]
         for _ in range(steps):
             g = grad_fn(params, hparams, batch)
@@ -92,7 +93,7 @@ class InnerSolver:
             params, state = new_params, new_state
             count = count + (~done).long()
         bad = bad | ~tree.all_finite(params)
-        return params, state, SolveInfo(count, gnorm, done, bad)
+        return params, state, SolveInfo(count, gnorm, done, bad, info.indefinite)
 
 
 def _rate(rate: Rate, hparams: HParams):

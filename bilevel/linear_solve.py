@@ -33,6 +33,7 @@ def _tiny(ref: torch.Tensor) -> torch.Tensor:
 
 
 def _info(steps, x, r, bnorm, tol, indefinite=None) -> SolveInfo:
+    indefinite = torch.zeros_like(bnorm, dtype=torch.bool) if indefinite is None else indefinite
     residual = tree.norm(r) / torch.clamp(bnorm, min=_tiny(bnorm))
     converged = residual <= tol if tol is not None else torch.isfinite(residual)
     nonfinite = ~tree.all_finite(x) | ~torch.isfinite(residual)

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from .diagnostics import check
 from .hypergrad import Problem
-from .types import Batch, HParams, Hypergrad, Params, SolveInfo
+from .types import Batch, HParams, Hypergrad, Params
 
 BATCHING = ("loop", "vmap")
 
@@ -31,19 +31,6 @@ def _validate(call: str, problem: Problem, hparams: HParams, params0: Optional[P
         if ref.keys() != params0.keys() or any(ref[k].shape != params0[k].shape for k in ref):
             raise ValueError(f"{call}: params0 {_shapes(params0)} does not match problem.init(hparams) "
                              f"{_shapes(ref)}.")
-
-
-def _encode(out: Hypergrad) -> Hypergrad:
-    """Replace the ``None`` fields by ``()`` so the result can leave ``vmap`` (whose outputs must be tensors)."""
-    infos = [() if i is None else i._replace(indefinite=() if i.indefinite is None else i.indefinite)
-             for i in (out.inner_info, out.linear_info)]
-    return out._replace(inner_info=infos[0], linear_info=infos[1])
-
-
-def _decode(out: Hypergrad) -> Hypergrad:
-    infos = [None if i == () else SolveInfo(*i[:4], None if i[4] == () else i[4])
-             for i in (out.inner_info, out.linear_info)]
-    return out._replace(inner_info=infos[0], linear_info=infos[1])
 
 
 def _shapes(tree) -> str:
@@ -113,7 +100,9 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         _validate("meta_grad", problem, hparams, None)
 
     def per_task(inner_batch, outer_batch, start):
-        return _encode(method(problem, hparams, inner_batch, outer_batch, start))
+        out = method(problem, hparams, inner_batch, outer_batch, start)
+        # vmap returns tensors only: an absent linear_info travels as an empty tuple
+        return out if out.linear_info is not None else out._replace(linear_info=())
 
     if batching == "vmap":
         in_dims = (0, 0, None if params0 is None else 0)
@@ -124,7 +113,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         outs = [per_task(take(inner_batches, i), take(outer_batches, i),
                          None if params0 is None else take(params0, i)) for i in range(num_tasks)]
         out = pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-    out = _decode(out)
-    out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0))
+    out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0),
+                       linear_info=out.linear_info or None)
     check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
     return out

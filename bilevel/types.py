@@ -27,15 +27,15 @@ class SolveInfo(NamedTuple):
             residual ``||b - A x|| / ||b||`` for linear solvers, ``||F(w)||`` for root and fixed-point solvers.
         converged: ``residual <= tol`` was reached within the step budget.
         nonfinite: a NaN or inf appeared in the iterate or its residual.
-        indefinite: conjugate gradients met a direction of non-positive curvature (``pᵀAp <= 0``): the system is
-            not positive definite, so CG's answer is unreliable. ``None`` for solvers that do not track it.
+        indefinite: a direction of non-positive curvature (``pᵀAp <= 0``) was met, so the system is not positive
+            definite and CG's answer is unreliable. Only CG looks for it; other solvers report ``False``.
     """
 
     steps: Tensor
     residual: Tensor
     converged: Tensor
     nonfinite: Tensor
-    indefinite: Optional[Tensor] = None
+    indefinite: Tensor
 
 
 class Hypergrad(NamedTuple):
@@ -54,3 +54,4 @@ class Hypergrad(NamedTuple):
     params: Params
     inner_info: SolveInfo
     linear_info: Optional[SolveInfo] = None
+
