@@ -7,7 +7,7 @@ hypergradient method that says how ``d outer_loss(w*(λ), λ) / dλ`` is obtaine
 
 from .conditions import Condition, fixed_point, stationarity
 from .diagnostics import NonConvergenceError, NonConvergenceWarning, NonFiniteError, check
-from .hypergrad import (METHODS, FirstOrder, Forward, Implicit, Problem, Reptile, Unrolled, imaml, jfb,
+from .methods import (METHODS, FirstOrder, Forward, Implicit, Problem, Reptile, Unrolled, imaml, jfb,
                         neumann)
 from .implicit import root_vjp
 from .inner import Adam, GradientDescent, InnerSolver, meta_init, proximal

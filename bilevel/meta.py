@@ -9,7 +9,7 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from .diagnostics import check
-from .hypergrad import Problem
+from .methods import Problem
 from .types import Batch, HParams, Hypergrad, Params
 
 BATCHING = ("loop", "vmap")

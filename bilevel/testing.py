@@ -8,7 +8,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import tree
-from .hypergrad import Implicit, Problem
+from .methods import Implicit, Problem
 from .linear_solve import Dense
 from .types import Batch, HParams, Params
 
