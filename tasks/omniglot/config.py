@@ -88,6 +88,7 @@ class RunConfig:
     seed: int = 0                          # model initialisation and task stream
     checkpoint_every: int = 200            # meta-steps between atomic checkpoints (0: only at the end)
     threads: Optional[int] = None          # torch.set_num_threads; None: leave torch's default
+    device: str = "auto"                   # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:1 ...
     progress: bool = True                  # tqdm progress bar
     resume: bool = False                   # continue from <dir>/checkpoint.pt (also --resume)
 
@@ -176,5 +177,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
            "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0.")
+    _check(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda"),
+           f"run.device={cfg.run.device!r}; use auto, cpu, cuda or cuda:<index>.")
     _check(cfg.wandb.mode in ("offline", "online", "disabled"),
            f"wandb.mode={cfg.wandb.mode!r}; use offline, online or disabled.")

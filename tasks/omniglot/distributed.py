@@ -50,8 +50,9 @@ class Context:
         Returns ``(grad, metrics)`` with plain floats in ``metrics``.
         """
         names = list(metrics)
-        scalars = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float64) for n in names]
-                              + [nonfinite.double().reshape(())])
+        device = next(iter(grad.values())).device   # NCCL reduces GPU tensors only
+        scalars = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float64, device=device) for n in names]
+                              + [nonfinite.to(device, torch.float64).reshape(())])
         if self.world_size > 1:
             keys = list(grad)
             flat = torch.cat([grad[k].reshape(-1).double() for k in keys] + [scalars])
@@ -62,7 +63,7 @@ class Context:
                 out[k] = flat[i:i + grad[k].numel()].view_as(grad[k]).to(grad[k].dtype)
                 i += grad[k].numel()
             grad, scalars = out, flat[i:]
-        metrics = dict(zip(names, scalars[:-1].tolist()))
+        metrics = dict(zip(names, scalars[:-1].cpu().tolist()))
         if scalars[-1] > 0 or not all(torch.isfinite(g).all() for g in grad.values()):
             message = ("non-finite hypergradient on at least one rank; lower the inner or meta learning rate, "
                        "or check the data")
@@ -89,6 +90,8 @@ def setup(cfg) -> Context:
         return Context(on_nonfinite=cfg.meta.on_nonfinite)
     owns = not torch_dist.is_initialized()
     if owns:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch_dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     ctx = Context(torch_dist.get_rank(), torch_dist.get_world_size(), cfg.meta.on_nonfinite, owns)
     ctx.shard(cfg.meta.batch)  # a misconfiguration is an error before any training

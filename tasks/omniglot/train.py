@@ -52,6 +52,7 @@ class Workload:
     method: object
     test_solver: object
     samplers: dict[str, TaskSampler]
+    device: torch.device = torch.device("cpu")
 
 
 def make_method(cfg: DictConfig, model: Conv4):
@@ -94,7 +95,16 @@ def build(cfg: DictConfig, data=None) -> Workload:
     torch.manual_seed(cfg.run.seed)
     model = Conv4(t.ways)
     problem, method, test_solver = make_method(cfg, model)
-    return Workload(cfg, model, problem, method, test_solver, samplers)
+    return Workload(cfg, model, problem, method, test_solver, samplers, _device(cfg))
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    """``run.device``; ``auto`` is this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if cfg.run.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(cfg.run.device)
 
 
 def task_accuracy(model, params, images, labels) -> torch.Tensor:
@@ -112,6 +122,7 @@ def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50) -
     accs = []
     for start in range(0, tasks, chunk):
         batch = work.samplers[split].sample(0, min(chunk, tasks - start), start=start)
+        batch = Tasks(*(t.to(work.device) for t in batch))
         for i in range(batch.support.shape[0]):
             task = batch.task(i)
             params, _ = work.test_solver(work.problem.inner_loss, dict(hparams), hparams,
@@ -222,12 +233,13 @@ def main(cfg: DictConfig, data=None) -> dict:
     work = build(cfg, data)
     run_dir = Path(cfg.run.dir or Path("runs") / "omniglot" / cfg.run.name)
     ckpt_path = run_dir / "checkpoint.pt"
+    work.model.to(work.device)
     hparams = work.model.init_params()
     opt = make_optimizer(cfg, hparams)
     history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": []}
     start, elapsed, wandb_id = 0, 0.0, None
     if cfg.run.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=work.device)
         saved = OmegaConf.create(state["config"])
         for key in ("task", "method", "inner", "data"):
             if OmegaConf.to_container(saved[key]) != OmegaConf.to_container(cfg[key]):
@@ -263,6 +275,7 @@ def main(cfg: DictConfig, data=None) -> dict:
     tic = time.perf_counter()
     for step in range(start, cfg.meta.steps):
         tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
+        tasks = Tasks(*(t.to(work.device) for t in tasks))
         grad, loss, acc, out = meta_step(work, hparams, tasks)
         metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out)}
         grad, metrics = ctx.all_reduce_mean(grad, metrics, nonfinite=_nonfinite(grad, out))
