@@ -190,3 +190,27 @@ def test_conv4_shapes_and_transductive_batch_norm():
     alone = torch.func.functional_call(model, params, (x[:3],))
     assert not torch.allclose(alone, out[:3])
     assert torch.allclose(torch.func.functional_call(model, params, (x,)), out)
+
+
+def test_download_checks_the_md5_and_explains_a_missing_network(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"could not be downloaded.*Put images_evaluation.zip"):
+        load_omniglot(("images_evaluation",), tmp_path, download=True, cache=False)
+
+    class Corrupt(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Corrupt(b"truncated zip"))
+    with pytest.raises(ValueError, match="md5"):
+        load_omniglot(("images_evaluation",), tmp_path, download=True, cache=False)
+    assert not list(tmp_path.iterdir())                      # nothing half-written is left behind
