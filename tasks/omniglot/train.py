@@ -327,8 +327,12 @@ def main(cfg: DictConfig, data=None) -> dict:
             "command": " ".join(sys.argv), "config": OmegaConf.to_container(cfg),
         }
         _atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
-        _plot_curves(run_dir / "curves.png", history, f"{cfg.run.name}: {_protocol(cfg)}\ntest accuracy "
-                     f"{100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % on {test['tasks']} tasks")
+        t, reached = cfg.task, (history["step"] or [0])[-1]
+        _plot_curves(run_dir / "curves.png", history,
+                     f"{cfg.run.name}: {cfg.method.name}, {t.ways}-way {t.shots}-shot, {cfg.data.protocol} split, "
+                     f"rotation {cfg.data.rotation}, transductive batch norm; {reached} meta-steps x "
+                     f"{cfg.meta.batch} tasks\ntest accuracy {100 * test['accuracy']:.2f} +- "
+                     f"{100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks, {cfg.inner.test_steps} inner steps)")
         print(f"{cfg.run.name}: test accuracy {100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % "
               f"(95% CI, {test['tasks']} tasks; {cfg.meta.steps} meta-steps, {elapsed / 60:.1f} min training) "
               f"-> {run_dir / 'results.json'}")
