@@ -31,8 +31,10 @@ def run(cfg, write: bool = True) -> dict:
                      cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root)
     solver = make_solver(cfg.inner.solver, cfg.inner.lr, cfg.inner.steps, cfg.inner.tol, cfg.inner.momentum)
     n_hparams = sum(math.prod(s) for s in task.hparam_shapes().values())
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     run_ = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg),
-                      name=f"{task.name}/{cfg.outer.method}", reinit="finish_previous")
+                      name=f"{task.name}/{cfg.outer.method}", dir=str(out), reinit="finish_previous")
     try:
         grid, grid_cost = search(task, solver, grid_values(cfg.search.low, cfg.search.high, cfg.search.grid_points),
                                  progress=cfg.progress, desc="grid")
@@ -62,7 +64,7 @@ def run(cfg, write: bool = True) -> dict:
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "hypergrad": {"final": tuned.final, "cost": tuned.cost.as_dict(), "history": tuned.history,
-                      "nonconverged_steps": tuned.nonconverged_steps,
+                      "nonconverged_steps": tuned.nonconverged_steps, "refit_from_init": tuned.refit,
                       "val_gap_to_grid_best": rel_gap},
         "grid": {"best": grid_best, "cost": grid_cost.as_dict(), "points": grid},
         "random": {"best": best(rand) if rand else None, "cost": rand_cost.as_dict() if rand_cost else None,
@@ -81,8 +83,6 @@ def run(cfg, write: bool = True) -> dict:
         results["hypergrad"]["geomean_wd_real_features"] = math.exp(float(log_wd[:d].mean()))
         results["hypergrad"]["geomean_wd_noise_features"] = math.exp(float(log_wd[d:].mean()))
     if write:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         title = f"{task.name}, {cfg.outer.method}"
         plot_history(tuned.history, out / "history.png", title)
