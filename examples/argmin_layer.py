@@ -73,9 +73,10 @@ def kkt_check(seed: int = 0, n: int = 6, m: int = 2) -> dict:
     v = torch.randn(n + m, generator=g, dtype=dt)
     grads = torch.autograd.grad(zn, (Q, c, A, b), v)
     grads_ref = torch.autograd.grad(zn_ref, (Q, c, A, b), v)
+    zn, zn_ref = zn.detach(), zn_ref.detach()
     return dict(value_max_abs_err=float((zn - zn_ref).abs().max()),
                 grad_max_rel_err=max(float((x - y).norm() / y.norm()) for x, y in zip(grads, grads_ref)),
-                constraint_residual=float((A @ zn[:n] - b).abs().max()))
+                constraint_residual=float((A.detach() @ zn[:n] - b.detach()).abs().max()))
 
 
 def ridge_objective(W, feats, targets, log_lam):
