@@ -366,4 +366,8 @@ def cli(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume and key=value overrides.")
         else:
             overrides.append(arg)
-    return main(load_config(name, overrides))
+    try:
+        cfg = load_config(name, overrides)
+    except (ValueError, FileNotFoundError) as err:   # a bad command line: the message, not a traceback
+        raise SystemExit(f"error: {err}") from None
+    return main(cfg)
