@@ -40,7 +40,7 @@ def ridge_exact(hparams, train, val):
     return w, d.sum().reshape(hparams["log_l2"].shape) if hparams["log_l2"].dim() == 0 else d
 
 
-def ridge_problem(steps=2000, tol=1e-12, lr=0.5, solver=None):
+def ridge_problem(steps=400, tol=1e-12, lr=0.5, solver=None):
     solver = solver or bl.GradientDescent(lr=lr, steps=steps, tol=tol)
     return bl.Problem(ridge_inner, ridge_outer, solver)
 
