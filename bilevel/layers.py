@@ -178,6 +178,12 @@ def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: 
     return (z, info) if return_info else z
 
 
+def _tol(z0, tol: float, ulps: float) -> float:
+    """A default tolerance that the dtype of ``z0`` can reach: ``tol``, or ``ulps`` machine epsilons if larger."""
+    eps = torch.finfo(z0.dtype).eps if isinstance(z0, Tensor) and z0.is_floating_point() else 0.0
+    return max(tol, ulps * eps)
+
+
 def _check_like(name: str, what: str, out, z0: Tensor):
     if not isinstance(out, Tensor) or out.shape != z0.shape or out.dtype != z0.dtype:
         got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
@@ -197,9 +203,11 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
             ``args``, e.g. ``dict(module.named_parameters())`` with ``torch.func.functional_call``).
         z0: the starting point (no gradient flows to it).
         *args: tensors, or pytrees (dicts, lists, tuples) of tensors and constants.
-        solver: a forward solver from ``bilevel.root_find`` (default ``Anderson(steps=50, tol=1e-6)``).
-        backward: a linear solver for ``(I − ∂f/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20)``), ``"jfb"`` or
-            ``"unrolled"``; see the module docstring for which gradient each gives.
+        solver: a forward solver from ``bilevel.root_find`` (default ``Anderson(steps=50, tol=1e-6)``, absolute
+            on ``||z − f(z)||₂``).
+        backward: a linear solver for ``(I − ∂f/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20, tol=1e-8)``, relative),
+            ``"jfb"`` or ``"unrolled"``; see the module docstring for which gradient each gives. Default
+            tolerances are raised to what the dtype can reach (1000 and 100 machine epsilons: float32).
         on_nonconvergence, on_nonfinite: ``"raise" | "warn" | "ignore"``, applied to the forward and backward
             solves (outside vmap).
         return_info: also return the forward solve's ``SolveInfo``.
@@ -218,8 +226,8 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
         >>> z.sum().backward(); W.grad.shape
         torch.Size([3, 3])
     """
-    solver = Anderson(steps=50, tol=1e-6) if solver is None else solver
-    backward = GMRES(steps=20, tol=1e-8) if backward is None else backward
+    solver = Anderson(steps=50, tol=_tol(z0, 1e-6, 1e3)) if solver is None else solver
+    backward = GMRES(steps=20, tol=_tol(z0, 1e-8, 1e2)) if backward is None else backward
     if isinstance(z0, Tensor):
         with torch.no_grad():
             _check_like("fixed_point(f, z0, *args)", "f(z0, *args)", f(z0, *args), z0)
@@ -241,8 +249,8 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
         *args: tensors, or pytrees of tensors and constants.
         solver: default ``Newton(steps=20, tol=1e-8)`` (dense; for large ``z`` use ``NewtonKrylov`` or
             ``Broyden``).
-        backward: a linear solver for ``(∂F/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20)``), ``"jfb"`` or
-            ``"unrolled"``.
+        backward: a linear solver for ``(∂F/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20, tol=1e-8)``), ``"jfb"`` or
+            ``"unrolled"``. Default tolerances are raised for float32 as in ``fixed_point``.
         symmetric: declare ``∂F/∂z`` symmetric, which allows ``backward=CG(...)``.
         on_nonconvergence, on_nonfinite, return_info: as in ``fixed_point``.
 
@@ -254,8 +262,8 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
         >>> z.sum().backward(); a.grad                                                  # 1 / (2 sqrt(a))
         tensor([0.2500, 0.1667], dtype=torch.float64)
     """
-    solver = Newton(steps=20, tol=1e-8) if solver is None else solver
-    backward = GMRES(steps=20, tol=1e-8) if backward is None else backward
+    solver = Newton(steps=20, tol=_tol(z0, 1e-8, 1e3)) if solver is None else solver
+    backward = GMRES(steps=20, tol=_tol(z0, 1e-8, 1e2)) if backward is None else backward
     if isinstance(z0, Tensor):
         with torch.no_grad():
             _check_like("root(fn, z0, *args)", "fn(z0, *args)", fn(z0, *args), z0)
@@ -277,6 +285,7 @@ def argmin(objective: Callable, z0: Tensor, *args, solver=None, backward: Backwa
         solver: a root solver applied to ``∇_z objective`` (default ``Newton(steps=20, tol=1e-8)``, i.e. Newton's
             method for minimisation with the dense Hessian; ``Picard(mixing=lr)`` is gradient descent).
         backward: default ``CG(steps=50, tol=1e-10)``; or any other linear solver, ``"jfb"`` or ``"unrolled"``.
+            Default tolerances are raised for float32 as in ``fixed_point``.
         on_nonconvergence, on_nonfinite, return_info: as in ``fixed_point``.
 
     Example:
@@ -289,8 +298,8 @@ def argmin(objective: Callable, z0: Tensor, *args, solver=None, backward: Backwa
         >>> torch.allclose(z, y / 3)
         True
     """
-    solver = Newton(steps=20, tol=1e-8) if solver is None else solver
-    backward = CG(steps=50, tol=1e-10) if backward is None else backward
+    solver = Newton(steps=20, tol=_tol(z0, 1e-8, 1e3)) if solver is None else solver
+    backward = CG(steps=50, tol=_tol(z0, 1e-10, 1e2)) if backward is None else backward
     if isinstance(z0, Tensor):
         with torch.no_grad():
             value = objective(z0, *args)

@@ -255,3 +255,28 @@ def test_broyden_forward_with_implicit_backward():
     layer = lambda x, W: fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W,  # noqa: E731
                                      solver=Broyden(steps=100, tol=1e-13), backward=Dense())
     assert gradcheck(layer, (x, W), nondet_tol=NONDET)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import bilevel.layers
+
+    result = doctest.testmod(bilevel.layers, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("doc", ["guide.md", "layers.md"])
+def test_documented_snippets_run(doc):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
+    assert code
+    scope = {}
+    exec(compile(code, doc, "exec"), scope)
+    if doc == "layers.md":  # the DEQ class of the section: a forward and backward pass
+        model = scope["DEQ"](n=8)
+        model(torch.rand(4, 784)).sum().backward()
+        assert model.cell.weight.grad is not None
