@@ -178,16 +178,32 @@ def run(cfg: Config) -> dict:
     results = dict(config=asdict(cfg), inner_lr=1.0 / L, machine=f"{os.cpu_count()}-core CPU, torch "
                    f"{torch.__version__}, {cfg.threads} thread(s)", command=" ".join(sys.argv), baselines={},
                    methods={})
+    path = out_dir / "results.json"
+    if path.exists():  # resume: keep what an earlier run with the same settings already measured
+        previous = json.loads(path.read_text())
+        same = lambda c: {k: v for k, v in c.items() if k != "methods"}  # noqa: E731
+        if same(previous["config"]) == same(asdict(cfg)):
+            results["baselines"] = previous["baselines"]
+            results["methods"] = {k: v for k, v in previous["methods"].items()
+                                  if k in cfg.methods and (out_dir / f"weights_{k}.pt").exists()}
     for name, logit in baselines.items():
+        if name in results["baselines"]:
+            continue
         params, info = fit(problem, logit, train, cfg.retrain_steps)
         results["baselines"][name] = dict(test_acc=accuracy(params, test), val_acc=accuracy(params, val),
                                           final_grad_norm=info.residual.item())
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    for name in results["baselines"]:
         print(f"{name:>20}: test accuracy {results['baselines'][name]['test_acc']:.4f}")
     weights = {}
     for name in cfg.methods:
+        if name in results["methods"]:
+            weights[name] = torch.load(out_dir / f"weights_{name}.pt")
+            continue
         logit, history, seconds = run_method(name, cfg, problem, L, train, val, is_corrupted, wandb_run)
         params, info = fit(problem, logit, train, cfg.retrain_steps)
         weights[name] = torch.sigmoid(logit)
+        torch.save(weights[name], out_dir / f"weights_{name}.pt")
         results["methods"][name] = dict(
             **summarize(weights[name], is_corrupted), test_acc=accuracy(params, test), val_acc=accuracy(params, val),
             seconds=seconds, seconds_per_outer_step=seconds / cfg.outer_steps,
