@@ -88,38 +88,6 @@ def bilevel_method(cfg: Config):
     raise ValueError(f"unknown bilevel method {cfg.method!r}")
 
 
-def _meta_grad(method, problem, hparams, inner_batches, outer_batches, batching, chunk_size):
-    """``bl.meta_grad`` (diagnostics: non-convergence ignored, non-finite raised).
-
-    Falls back to the same computation from its parts while ``bl.meta_grad(params0=None)`` fails on
-    ``torch.utils._pytree.tree_leaves(None) == [None]`` (torch 2.13 treats ``None`` as a leaf).
-    """
-    try:
-        return bl.meta_grad(method, problem, hparams, inner_batches, outer_batches, batching=batching,
-                            chunk_size=chunk_size, on_nonconvergence="ignore", on_nonfinite="raise")
-    except AttributeError as err:
-        if "'NoneType' object has no attribute 'dim'" not in str(err):
-            raise
-    from torch.func import vmap
-    from torch.utils import _pytree as pytree
-    from bilevel.meta import _decode, _encode
-
-    def per_task(inner_batch, outer_batch):
-        return _encode(method(problem, hparams, inner_batch, outer_batch, None))
-
-    if batching == "vmap":
-        out = vmap(per_task, randomness="different", chunk_size=chunk_size)(inner_batches, outer_batches)
-    else:
-        num_tasks = inner_batches[0].shape[0]
-        take = lambda tree, i: pytree.tree_map(lambda x: x[i], tree)  # noqa: E731
-        outs = [per_task(take(inner_batches, i), take(outer_batches, i)) for i in range(num_tasks)]
-        out = pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-    out = _decode(out)
-    out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0))
-    bl.check(out, method, "ignore", "raise", problem.solver.tol)
-    return out
-
-
 def make_bilevel_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     method, proximal = bilevel_method(cfg)
     task_loss = cross_entropy_loss(model)
@@ -130,7 +98,8 @@ def make_bilevel_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     (xs, ys), (xq, yq) = data
 
     def step():
-        out = _meta_grad(method, problem, hparams, (xs, ys), (xq, yq), cfg.batching, cfg.chunk_size)
+        out = bl.meta_grad(method, problem, hparams, (xs, ys), (xq, yq), batching=cfg.batching,
+                           chunk_size=cfg.chunk_size, on_nonconvergence="ignore", on_nonfinite="raise")
         return out.grad
 
     return step
