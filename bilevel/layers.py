@@ -44,27 +44,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .conditions import Condition
-from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
+from .diagnostics import POLICIES
 from .implicit import root_vjp
 from .linear_solve import CG, GMRES, Neumann
-from .root_find import Anderson, Newton, _under_vmap, fixed_point_residual
+from .root_find import Anderson, Newton, _under_vmap, check_solve, fixed_point_residual
 from .types import SolveInfo
 
 Backward = Union[str, Callable]
-
-
-def _report(what: str, info: SolveInfo, tol: Optional[float], hint: str, on_nonconvergence: str, on_nonfinite: str):
-    """Apply the engine's policy (``bilevel.diagnostics``) to one, possibly batched, ``SolveInfo``; outside vmap."""
-    count = f" ({int(info.nonfinite.sum())} of {info.nonfinite.numel()} problems)" if info.nonfinite.dim() else ""
-    if on_nonfinite != "ignore" and bool(info.nonfinite.any()):
-        _policy(on_nonfinite, NonFiniteError, f"{what}: NaN or inf in the solution or its residual{count}. Check the "
-                                              f"inputs, or damp the solver.")
-    failed = ~info.converged & ~info.nonfinite
-    if on_nonconvergence != "ignore" and bool(failed.any()):
-        count = f" ({int(failed.sum())} of {failed.numel()} problems)" if failed.dim() else ""
-        _policy(on_nonconvergence, NonConvergenceError,
-                f"{what}: did not converge in {int(info.steps.max())} steps: residual "
-                f"{float(info.residual[failed].max()):.3g}{'' if tol is None else f' > tol {tol:g}'}{count}. {hint}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +113,7 @@ class _ImplicitSolve(torch.autograd.Function):
                                   {"z": z_bar}, spec.backward)
         if not _under_vmap():
             tol = getattr(spec.backward, "tol", None)
-            _report(f"{spec.name} backward ({type(spec.backward).__name__})", info, tol,
+            check_solve(info, f"{spec.name} backward ({type(spec.backward).__name__})", tol,
                     "Raise the linear solver's steps, or check that ∂F/∂z is invertible at the solution (for a "
                     "fixed point: that f is contractive there).", spec.on_nonconvergence, spec.on_nonfinite)
         out = [None] * len(tensors)
@@ -173,7 +159,7 @@ def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: 
         z, *fields = _ImplicitSolve.apply(spec, z0.detach(), *tensors)
         info = SolveInfo(*fields, torch.zeros_like(fields[-1]))
     if not _under_vmap():
-        _report(f"{name} ({type(solver).__name__})", info, getattr(solver, "tol", None), hint, on_nonconvergence,
+        check_solve(info, f"{name} ({type(solver).__name__})", getattr(solver, "tol", None), hint, on_nonconvergence,
                 on_nonfinite)
     return (z, info) if return_info else z
 

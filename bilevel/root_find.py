@@ -7,15 +7,16 @@ implicit layers call them. ``z`` is one tensor of any shape, treated as a flat v
 All solvers run a fixed budget of ``steps`` iterations with a masked early stop (an iterate is frozen once
 ``||F(z)|| <= tol``), so they run unchanged under ``torch.func.vmap``, one problem per batch entry. Outside
 ``vmap`` the loop also breaks as soon as the problem has converged, which saves the remaining iterations.
-``SolveInfo.residual`` is ``||F(z)||₂`` (absolute) at the returned ``z``.
+``SolveInfo.residual`` is ``||F(z)||₂`` (absolute) at the returned ``z``. The solvers only report; outside
+``vmap``, ``check_solve(info, ...)`` applies the engine's raise / warn / ignore policy (the implicit layers call it).
 
-| solver          | cost per step                  | converges                          | use for                        |
-|-----------------|--------------------------------|------------------------------------|--------------------------------|
-| ``Picard``      | one ``F``                      | linearly, if ``z − F`` contracts    | contractive maps (DEQ default) |
-| ``Anderson``    | one ``F`` + an m×m solve       | faster than Picard, same condition | fixed points, medium ``n``     |
-| ``Newton``      | ``n`` JVPs + an n×n solve      | quadratically near a root          | small systems (``n`` ≲ 10³)     |
-| ``NewtonKrylov``| ``k`` JVPs (GMRES)             | superlinearly near a root          | large systems                  |
-| ``Broyden``     | one ``F`` + low-rank updates   | superlinearly, no Jacobian needed  | large systems                  |
+| solver       | cost per step                | converges                          | use for                   |
+|--------------|------------------------------|------------------------------------|---------------------------|
+| Picard       | one F                        | linearly, if z − F contracts       | contractive maps          |
+| Anderson     | one F + an m×m solve         | faster than Picard, same condition | fixed points, medium n    |
+| Newton       | n JVPs + an n×n solve        | quadratically near a root          | small systems (n ≲ 10³)   |
+| NewtonKrylov | k JVPs (GMRES)               | superlinearly near a root          | large systems             |
+| Broyden      | one F + low-rank updates     | superlinearly, no Jacobian needed  | large systems             |
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
+from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
 from .linear_solve import _NONNEG, _STEPS, GMRES, LinearOperator, _check
 from .types import SolveInfo
 
@@ -37,6 +39,43 @@ RootFn = Callable[..., Tensor]
 def fixed_point_residual(f: RootFn) -> RootFn:
     """The root form ``F(z) = z − f(z)`` of the fixed-point problem ``z = f(z, *args)``."""
     return lambda z, *args: z - f(z, *args)
+
+
+def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: str = "",
+                on_nonconvergence: str = "warn", on_nonfinite: str = "raise") -> bool:
+    """Apply the engine's policy to a (possibly batched) ``SolveInfo``, outside ``vmap``; ``True`` if all is well.
+
+    Args:
+        info: from a solver call (one problem, or stacked by ``vmap``).
+        what: names the solve in the message, e.g. ``"Anderson(steps=50)"``.
+        tol: the solver's tolerance, quoted in the message.
+        hint: a suggested fix appended to the non-convergence message.
+        on_nonconvergence, on_nonfinite: ``"raise"`` (``NonConvergenceError`` / ``NonFiniteError``), ``"warn"``
+            (``NonConvergenceWarning`` / ``RuntimeWarning``) or ``"ignore"``.
+
+    Example:
+        >>> import torch
+        >>> from bilevel.root_find import Picard, check_solve
+        >>> z, info = Picard(steps=2, tol=1e-12)(lambda z: z - torch.cos(z), torch.zeros(1))
+        >>> check_solve(info, "Picard", 1e-12, on_nonconvergence="ignore")
+        False
+    """
+    for key, value in (("on_nonconvergence", on_nonconvergence), ("on_nonfinite", on_nonfinite)):
+        if value not in POLICIES:
+            raise ValueError(f"check_solve({key}={value!r}): must be one of {POLICIES}.")
+    info = SolveInfo(*(x.detach() if isinstance(x, Tensor) else x for x in info))
+    nonfinite = info.nonfinite
+    if bool(nonfinite.any()):
+        count = f" ({int(nonfinite.sum())} of {nonfinite.numel()} problems)" if nonfinite.dim() else ""
+        _policy(on_nonfinite, NonFiniteError, f"{what}: NaN or inf in the solution or its residual{count}. Check the "
+                                              f"inputs, or damp the solver.")
+    failed = ~info.converged & ~nonfinite
+    if bool(failed.any()):
+        count = f" ({int(failed.sum())} of {failed.numel()} problems)" if failed.dim() else ""
+        _policy(on_nonconvergence, NonConvergenceError,
+                f"{what}: did not converge in {int(info.steps.max())} steps: residual "
+                f"{float(info.residual[failed].max()):.3g}{'' if tol is None else f' > tol {tol:g}'}{count}. {hint}")
+    return not bool(nonfinite.any() | failed.any())
 
 
 def _under_vmap() -> bool:
@@ -90,7 +129,7 @@ class _RootSolver:
             done = done | (res <= self.tol) | ~torch.isfinite(res)  # a NaN iterate is frozen, then reported
         nonfinite = ~torch.isfinite(res) | ~torch.isfinite(z).all()
         # `indefinite` is a CG notion; a tensor (not None) so that the info can be returned from vmap
-        return z, SolveInfo(count, res, (res <= self.tol) & ~nonfinite, nonfinite, torch.zeros_like(nonfinite))
+        return z, SolveInfo(count, res.detach(), (res <= self.tol) & ~nonfinite, nonfinite, torch.zeros_like(nonfinite))
 
     def init(self, F, z: Tensor, r: Tensor):
         return None

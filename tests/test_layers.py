@@ -261,9 +261,11 @@ def test_docstring_examples_run():
     import doctest
 
     import bilevel.layers
+    import bilevel.root_find
 
-    result = doctest.testmod(bilevel.layers, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3 and result.failed == 0
+    for module, examples in ((bilevel.layers, 3), (bilevel.root_find, 1)):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted >= examples and result.failed == 0, module.__name__
 
 
 @pytest.mark.parametrize("doc", ["guide.md", "layers.md"])

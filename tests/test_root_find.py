@@ -6,7 +6,8 @@ import scipy.optimize
 import torch
 from torch.func import vmap
 
-from bilevel.root_find import Anderson, Broyden, Newton, NewtonKrylov, Picard, fixed_point_residual
+from bilevel.diagnostics import NonConvergenceError, NonConvergenceWarning, NonFiniteError
+from bilevel.root_find import Anderson, Broyden, Newton, NewtonKrylov, Picard, check_solve, fixed_point_residual
 
 DT = torch.float64
 ALL = [Picard(steps=300, tol=1e-11), Anderson(steps=100, tol=1e-11), Newton(tol=1e-11), NewtonKrylov(tol=1e-11),
@@ -131,3 +132,21 @@ def test_bad_inputs_name_the_problem():
         Newton(jacobian="bwd")
     with pytest.raises(ValueError, match=r"Picard\(mixing=0"):
         Picard(mixing=0.0)
+
+
+def test_check_solve_applies_the_policy(deq):
+    W, x = deq
+    F = fixed_point_residual(tanh_layer)
+    _, short = Picard(steps=3, tol=1e-12)(F, torch.zeros_like(x), x, W)
+    with pytest.raises(NonConvergenceError, match=r"Picard: did not converge in 3 steps: residual .* > tol 1e-12"):
+        check_solve(short, "Picard", 1e-12, on_nonconvergence="raise")
+    with pytest.warns(NonConvergenceWarning, match="raise steps"):
+        assert not check_solve(short, "Picard", 1e-12, "raise steps")
+    assert not check_solve(short, "Picard", on_nonconvergence="ignore")
+    _, batched = vmap(lambda x: Picard(steps=300, tol=1e-11)(F, torch.zeros_like(x), x, W))(torch.stack([x, x]))
+    assert check_solve(batched, "Picard")
+    _, nan = Picard()(lambda z: z - torch.log(z - 2.0), torch.zeros(3, dtype=DT))
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        check_solve(nan, "Picard")
+    with pytest.raises(ValueError, match="on_nonfinite='quiet'"):
+        check_solve(nan, "Picard", on_nonfinite="quiet")
