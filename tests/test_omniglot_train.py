@@ -105,6 +105,33 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkey
     assert history["step"] == [1, 2, 3, 4, 5] and history["val_step"] == [2, 4, 5]
 
 
+def test_kill_9_then_resume_ends_with_the_same_weights(small, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+    args = ["method.name=fomaml", "meta.batch=2", "meta.steps=8", "run.checkpoint_every=1", "eval.every=0",
+            "eval.test_tasks=2", "run.threads=1"]
+    repo = Path(train.__file__).resolve().parents[2]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(repo / "examples" / "omniglot_fewshot.py"), *SMALL, *args,
+                             f"run.dir={killed}"], env=dict(os.environ, PYTHONPATH=str(repo)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)                          # wherever it is: mid-step or mid-checkpoint
+    proc.wait()
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 1 <= step < 8 and not (killed / "results.json").exists()
+    train.main(load_config("demo", SMALL + args + [f"run.dir={killed}", "run.resume=true"]), small)
+    train.main(load_config("demo", SMALL + args + [f"run.dir={tmp_path / 'straight'}"]), small)
+    a, b = _final_hparams(killed), _final_hparams(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_different_task(small, tmp_path):
     train.main(tiny(tmp_path, "method.name=fomaml", "meta.batch=1", "meta.steps=1", "eval.every=0"), small)
     with pytest.raises(ValueError, match="'task' section differs"):
