@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call, vmap
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 import bilevel as bl
@@ -139,18 +138,9 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     """One hypergradient over a stack of tasks: ``(grad, outer_loss, per-task query accuracies, Hypergrad)``."""
     cfg = work.cfg.meta
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
-    try:
-        out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
-                           chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
-                           on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
-    except (AttributeError, TypeError):
-        # bilevel 59a05a6: meta_grad(batching="loop") fails on None leaves (params0=None, linear_info=None).
-        # Same computation, one task at a time; a genuine error is raised again by bl.hypergrad below.
-        outs = [bl.hypergrad(work.method, work.problem, hparams, *(tuple(x[i] for x in b) for b in (inner, outer)),
-                             on_nonconvergence=cfg.on_nonconvergence, on_nonfinite="ignore")
-                for i in range(tasks.support.shape[0])]
-        out = pytree.tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs), *outs)
-        out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0))
+    out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
+                       chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
+                       on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
     with torch.no_grad():
         acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
     return out.grad, out.outer_loss.detach(), acc, out
