@@ -131,3 +131,27 @@ def test_sklearn_datasets():
     assert X.shape == (442, 10) and X.dtype == torch.float64 and y.shape == (442,)
     X, y = load_sklearn_dataset("digits")
     assert X.shape == (1797, 64) and y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
+
+
+@needs_data
+def test_download_verifies_checksums_and_falls_back(tmp_path, monkeypatch):
+    # file:// mirrors keep this offline: the first one serves a corrupt copy, the second the official files.
+    import tasks.data as data
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for file_name, _, _ in IDX_DATASETS["fashion-mnist"]["train"].values():
+        (bad / file_name).write_bytes(b"corrupt")
+    monkeypatch.setitem(data.URLS, "fashion-mnist", [bad.as_uri() + "/", (DATA / "fashion-mnist").as_uri() + "/"])
+    root = tmp_path / "root"
+    root.mkdir()
+    folder = data.download_idx_dataset("fashion-mnist", root=root)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f for split in ("train", "test") for f, _, _ in IDX_DATASETS["fashion-mnist"][split].values())
+    images, labels = load_idx_dataset("fashion-mnist", "test", root=root)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    monkeypatch.setitem(data.URLS, "fashion-mnist", [bad.as_uri() + "/"])
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        data.download_idx_dataset("fashion-mnist", root=root)
+    assert not any(p.name.startswith("tmp") for p in folder.iterdir())  # no partial files left behind

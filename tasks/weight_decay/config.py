@@ -65,6 +65,7 @@ class SearchConfig:
     low: float = 1e-6  # search range of λ
     high: float = 10.0
     sklearn: bool = True  # fit scikit-learn at the chosen scalar / per-feature λ as a reference
+    grid_from: Optional[str] = None  # results.json of an earlier run on the same task: reuse its grid
 
 
 @dataclass

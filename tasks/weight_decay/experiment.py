@@ -15,8 +15,21 @@ from omegaconf import OmegaConf
 from .config import validate
 from .plots import plot_history, plot_landscape
 from .problems import make_task
-from .tuning import (best, grid_values, hypergradient_descent, make_solver, random_values, search,
+from .tuning import (Cost, best, grid_values, hypergradient_descent, make_solver, random_values, search,
                      sklearn_reference)
+
+
+def reused_grid(cfg, task_name: str):
+    """The grid of an earlier run on the same task with the same inner solver and search range (its cost too)."""
+    earlier = json.loads(Path(cfg.search.grid_from).read_text())
+    same = {"task": earlier["task"] == task_name,
+            "inner": earlier["config"]["inner"] == OmegaConf.to_container(cfg.inner),
+            "data": earlier["config"]["data"] == OmegaConf.to_container(cfg.data),
+            "search": all(earlier["config"]["search"][k] == cfg.search[k] for k in ("low", "high", "grid_points"))}
+    if not all(same.values()):
+        raise ValueError(f"search.grid_from={cfg.search.grid_from!r} was run with a different "
+                         f"{[k for k, v in same.items() if not v]}; its grid is not comparable.")
+    return earlier["grid"]["points"], Cost(**earlier["grid"]["cost"])
 
 
 def run(cfg, write: bool = True) -> dict:
@@ -36,8 +49,12 @@ def run(cfg, write: bool = True) -> dict:
     run_ = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg),
                       name=f"{task.name}/{cfg.outer.method}", dir=str(out), reinit="finish_previous")
     try:
-        grid, grid_cost = search(task, solver, grid_values(cfg.search.low, cfg.search.high, cfg.search.grid_points),
-                                 progress=cfg.progress, desc="grid")
+        if cfg.search.grid_from:
+            grid, grid_cost = reused_grid(cfg, task.name)
+        else:
+            grid, grid_cost = search(task, solver, grid_values(cfg.search.low, cfg.search.high,
+                                                               cfg.search.grid_points), progress=cfg.progress,
+                                     desc="grid")
         rand, rand_cost = ([], None)
         if cfg.search.random_points:
             rand, rand_cost = search(task, solver, random_values(cfg.search.low, cfg.search.high,
@@ -66,7 +83,8 @@ def run(cfg, write: bool = True) -> dict:
         "hypergrad": {"final": tuned.final, "cost": tuned.cost.as_dict(), "history": tuned.history,
                       "nonconverged_steps": tuned.nonconverged_steps, "refit_from_init": tuned.refit,
                       "val_gap_to_grid_best": rel_gap},
-        "grid": {"best": grid_best, "cost": grid_cost.as_dict(), "points": grid},
+        "grid": {"best": grid_best, "cost": grid_cost.as_dict(), "points": grid,
+                 "reused_from": cfg.search.grid_from},
         "random": {"best": best(rand) if rand else None, "cost": rand_cost.as_dict() if rand_cost else None,
                    "points": rand},
     }
