@@ -1,0 +1,20 @@
+# Two entry points, each doing its own set-up on a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python
+# Local data (Omniglot, MNIST, Fashion-MNIST); missing Omniglot is downloaded into ~/.cache/bilevel instead.
+export BILEVEL_DATA ?= $(abspath ../shared/data)
+
+.PHONY: install demo test
+
+install: .installed
+
+# torch first, pinned: the local CPU build (an unpinned torch pulls a multi-GB CUDA build).
+.installed: pyproject.toml
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[test]"
+	touch $@
+
+demo: install
+	$(PYTHON) examples/omniglot_fewshot.py
+
+test: install
+	$(PYTHON) -m pytest -q
