@@ -127,7 +127,7 @@ def run(cfg: Config) -> dict:
         params = [*embed.parameters(), log_lam]
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         grads_ref = torch.autograd.grad(loss_ref, params)
-        worst_value = max(worst_value, float((W - W_ref).norm() / W_ref.norm()))
+        worst_value = max(worst_value, float((W - W_ref).detach().norm() / W_ref.detach().norm()))
         worst_grad = max(worst_grad, max(float((a - b).norm() / b.norm().clamp_min(1e-12))
                                          for a, b in zip(grads, grads_ref)))
         opt.zero_grad()
@@ -142,7 +142,7 @@ def run(cfg: Config) -> dict:
         test_acc = (embed(test_x) @ W).argmax(1).eq(test_y).float().mean().item()
     results["ridge_head"] = dict(
         first_loss=losses[0], last_loss=sum(losses[-20:]) / len(losses[-20:]), test_acc=test_acc,
-        lam=float(log_lam.exp()), max_rel_err_solution=worst_value, max_rel_err_grad=worst_grad,
+        lam=float(log_lam.detach().exp()), max_rel_err_solution=worst_value, max_rel_err_grad=worst_grad,
         train_time_s=train_time)
     print("ridge head:", json.dumps(results["ridge_head"]))
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -282,3 +282,43 @@ def test_documented_snippets_run(doc):
         model = scope["DEQ"](n=8)
         model(torch.rand(4, 784)).sum().backward()
         assert model.cell.weight.grad is not None
+
+
+def _example(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_examples_run_on_tiny_settings(tmp_path):
+    deq = _example("deq_mnist")
+    for method in deq.METHODS:
+        cfg = deq.Config(method=method, train_size=200, test_size=100, epochs=1, newton_steps=3,
+                         out_dir=str(tmp_path / "deq"), wandb_mode="disabled")
+        (row,) = deq.run(cfg)["history"]
+        assert 0.0 <= row["test_acc"] <= 1.0 and row["train_loss"] > 0 and row["train_iters"] >= 1
+    # the unrolled graph stores the iterations; the implicit one does not
+    mb = {m: deq.json.loads((tmp_path / "deq" / m / "results.json").read_text())["history"][0]
+          ["saved_for_backward_mb"] for m in ("unrolled", "anderson")}
+    assert mb["unrolled"] > 3 * mb["anderson"]
+
+    argmin_example = _example("argmin_layer")
+    out = argmin_example.run(argmin_example.Config(steps=3, train_size=500, test_size=200, fit_size=100,
+                                                   out_dir=str(tmp_path / "argmin")))
+    assert out["kkt"]["grad_max_rel_err"] < 1e-10
+    assert out["ridge_head"]["max_rel_err_solution"] < 1e-3 and out["ridge_head"]["max_rel_err_grad"] < 1e-2
+
+    cleaning = _example("custom_bilevel")
+    out = cleaning.run(cleaning.Config(n_train=200, n_val=200, n_test=200, outer_steps=2, inner_steps=3,
+                                       retrain_steps=5, out_dir=str(tmp_path / "clean"), wandb_mode="disabled"))
+    assert set(out["methods"]) == {"implicit", "unrolled"}
+    for result in out["methods"].values():
+        assert result["corrupted"] == 100 and 0 <= result["corrupted_low_weight"] <= 100
+        assert len(result["history"]) == 2
