@@ -37,7 +37,7 @@ on tensors is possible, so the policy is skipped there: pass ``return_info=True`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
@@ -114,8 +114,8 @@ class _ImplicitSolve(torch.autograd.Function):
         if not _under_vmap():
             tol = getattr(spec.backward, "tol", None)
             check_solve(info, f"{spec.name} backward ({type(spec.backward).__name__})", tol,
-                    "Raise the linear solver's steps, or check that ∂F/∂z is invertible at the solution (for a "
-                    "fixed point: that f is contractive there).", spec.on_nonconvergence, spec.on_nonfinite)
+                        "Raise the linear solver's steps, or check that ∂F/∂z is invertible at the solution (for "
+                        "a fixed point: that f is contractive there).", spec.on_nonconvergence, spec.on_nonfinite)
         out = [None] * len(tensors)
         for key, value in grads.items():
             out[int(key)] = value
@@ -159,8 +159,8 @@ def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: 
         z, *fields = _ImplicitSolve.apply(spec, z0.detach(), *tensors)
         info = SolveInfo(*fields, torch.zeros_like(fields[-1]))
     if not _under_vmap():
-        check_solve(info, f"{name} ({type(solver).__name__})", getattr(solver, "tol", None), hint, on_nonconvergence,
-                on_nonfinite)
+        check_solve(info, f"{name} ({type(solver).__name__})", getattr(solver, "tol", None), hint,
+                    on_nonconvergence, on_nonfinite)
     return (z, info) if return_info else z
 
 
