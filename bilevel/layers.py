@@ -170,6 +170,13 @@ def _tol(z0, tol: float, ulps: float) -> float:
     return max(tol, ulps * eps)
 
 
+def _default_gmres(z0) -> GMRES:
+    # GMRES(steps) beyond the n unknowns divides round-off by round-off after the Krylov space is exhausted and
+    # can return a wrong solution, so the default budget is capped at n.
+    n = z0.numel() if isinstance(z0, Tensor) else 20
+    return GMRES(steps=max(1, min(20, n)), tol=_tol(z0, 1e-8, 1e2))
+
+
 def _check_like(name: str, what: str, out, z0: Tensor):
     if not isinstance(out, Tensor) or out.shape != z0.shape or out.dtype != z0.dtype:
         got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
@@ -191,7 +198,7 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
         *args: tensors, or pytrees (dicts, lists, tuples) of tensors and constants.
         solver: a forward solver from ``bilevel.root_find`` (default ``Anderson(steps=50, tol=1e-6)``, absolute
             on ``||z − f(z)||₂``).
-        backward: a linear solver for ``(I − ∂f/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20, tol=1e-8)``, relative),
+        backward: a linear solver for ``(I − ∂f/∂z)ᵀu = −z̄`` (default ``GMRES(steps=min(20, n), tol=1e-8)``, relative),
             ``"jfb"`` or ``"unrolled"``; see the module docstring for which gradient each gives. Default
             tolerances are raised to what the dtype can reach (1000 and 100 machine epsilons: float32).
         on_nonconvergence, on_nonfinite: ``"raise" | "warn" | "ignore"``, applied to the forward and backward
@@ -213,7 +220,7 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
         torch.Size([3, 3])
     """
     solver = Anderson(steps=50, tol=_tol(z0, 1e-6, 1e3)) if solver is None else solver
-    backward = GMRES(steps=20, tol=_tol(z0, 1e-8, 1e2)) if backward is None else backward
+    backward = _default_gmres(z0) if backward is None else backward
     if isinstance(z0, Tensor):
         with torch.no_grad():
             _check_like("fixed_point(f, z0, *args)", "f(z0, *args)", f(z0, *args), z0)
@@ -235,7 +242,7 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
         *args: tensors, or pytrees of tensors and constants.
         solver: default ``Newton(steps=20, tol=1e-8)`` (dense; for large ``z`` use ``NewtonKrylov`` or
             ``Broyden``).
-        backward: a linear solver for ``(∂F/∂z)ᵀu = −z̄`` (default ``GMRES(steps=20, tol=1e-8)``), ``"jfb"`` or
+        backward: a linear solver for ``(∂F/∂z)ᵀu = −z̄`` (default ``GMRES(steps=min(20, n), tol=1e-8)``), ``"jfb"`` or
             ``"unrolled"``. Default tolerances are raised for float32 as in ``fixed_point``.
         symmetric: declare ``∂F/∂z`` symmetric, which allows ``backward=CG(...)``.
         on_nonconvergence, on_nonfinite, return_info: as in ``fixed_point``.
@@ -249,7 +256,7 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
         tensor([0.2500, 0.1667], dtype=torch.float64)
     """
     solver = Newton(steps=20, tol=_tol(z0, 1e-8, 1e3)) if solver is None else solver
-    backward = GMRES(steps=20, tol=_tol(z0, 1e-8, 1e2)) if backward is None else backward
+    backward = _default_gmres(z0) if backward is None else backward
     if isinstance(z0, Tensor):
         with torch.no_grad():
             _check_like("root(fn, z0, *args)", "fn(z0, *args)", fn(z0, *args), z0)

@@ -21,7 +21,7 @@ All solvers run a fixed budget of ``steps`` iterations with a masked early stop 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -257,7 +257,11 @@ class NewtonKrylov(_RootSolver):
 
     def step(self, F, z, r, state, k):
         mv = lambda v: {"z": torch.func.jvp(F, (z,), (v["z"],))[1]}  # noqa: E731
-        dz, _ = self.linear_solver(LinearOperator(mv), {"z": r})
+        solver = self.linear_solver
+        if isinstance(solver, GMRES) and solver.steps > z.numel():
+            # beyond n steps the Krylov space is exhausted and further Arnoldi steps only normalise round-off
+            solver = replace(solver, steps=z.numel())
+        dz, _ = solver(LinearOperator(mv), {"z": r})
         z_new = z - self.damping * dz["z"]
         return z_new, F(z_new), state
 

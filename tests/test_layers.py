@@ -14,8 +14,6 @@ from bilevel.linear_solve import CG, GMRES, Dense, NormalCG, fixed_point_iterati
 from bilevel.root_find import Anderson, Broyden, Newton, Picard
 
 DT = torch.float64
-# torch's first forward-mode AD call loads decompositions through the deprecated torch.jit.script (torch 2.13)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 # The iterative backward solves are deterministic up to round-off (~1e-17) between two calls on the same graph;
 # gradcheck's reentrancy check demands exact equality, so it is given that round-off as its tolerance.
 NONDET = 1e-12

@@ -14,8 +14,6 @@ ALL = [Picard(steps=300, tol=1e-11), Anderson(steps=100, tol=1e-11), Newton(tol=
        Broyden(steps=100, tol=1e-11)]
 IDS = [type(s).__name__ for s in ALL]
 
-# torch's first forward-mode AD call loads decompositions through the deprecated torch.jit.script (torch 2.13)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
 def tanh_layer(z, x, W):
