@@ -5,6 +5,7 @@ The whole public surface is listed in ``__all__``. A bilevel problem is two func
 hypergradient method that says how ``d outer_loss(w*(λ), λ) / dλ`` is obtained.
 """
 
+from . import layers, root_find
 from .conditions import Condition, fixed_point, stationarity
 from .diagnostics import NonConvergenceError, NonConvergenceWarning, NonFiniteError, check
 from .methods import (METHODS, FirstOrder, Forward, Implicit, Problem, Reptile, Unrolled, imaml, jfb,
@@ -13,6 +14,7 @@ from .implicit import root_vjp
 from .inner import Adam, GradientDescent, InnerSolver, meta_init, proximal
 from .linear_solve import CG, GMRES, Dense, LinearOperator, NormalCG, Neumann, fixed_point_iteration
 from .meta import hypergrad, meta_grad
+from .root_find import Anderson, Broyden, Newton, NewtonKrylov, Picard, check_solve, fixed_point_residual
 from .testing import check_hypergrad
 from .types import Batch, HParams, Hypergrad, LossFn, Params, SolveInfo
 
@@ -26,6 +28,9 @@ __all__ = [
     # the implicit core
     "Condition", "stationarity", "fixed_point", "root_vjp",
     "LinearOperator", "CG", "NormalCG", "GMRES", "Neumann", "fixed_point_iteration", "Dense",
+    # forward solvers for roots and fixed points; implicit layers live in bilevel.layers (fixed_point, root, argmin)
+    "Picard", "Anderson", "Newton", "NewtonKrylov", "Broyden", "check_solve", "fixed_point_residual",
+    "layers", "root_find",
     # entry points and diagnostics
     "hypergrad", "meta_grad", "check", "check_hypergrad",
     "NonConvergenceError", "NonConvergenceWarning", "NonFiniteError",

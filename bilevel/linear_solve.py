@@ -190,20 +190,27 @@ class GMRES:
         columns = []  # of the (steps+1) x steps Hessenberg matrix
         for j in range(self.steps):
             w = mv(basis[j])
-            column = []
-            for v in basis:  # modified Gram-Schmidt
-                h = torch.dot(w, v)
-                w = w - h * v
-                column.append(h)
+            scale = torch.linalg.vector_norm(w)
+            column = [torch.zeros_like(scale) for _ in basis]
+            for _ in range(2):  # modified Gram-Schmidt, twice: one pass loses orthogonality ("twice is enough")
+                for i, v in enumerate(basis):
+                    h = torch.dot(w, v)
+                    w = w - h * v
+                    column[i] = column[i] + h
             h_next = torch.linalg.vector_norm(w)
+            # breakdown: what is left of A v_j after orthogonalisation is round-off (relative to ||A v_j||), so the
+            # Krylov space is invariant and the solution already exact; normalising the round-off would add a
+            # spurious direction, so the basis gets a zero vector instead
+            alive = h_next > 64 * torch.finfo(h_next.dtype).eps * scale
+            h_next = torch.where(alive, h_next, torch.zeros_like(h_next))
             column += [h_next] + [torch.zeros_like(h_next)] * (self.steps - j - 1)
             columns.append(torch.stack(column))
-            # on breakdown (h_next = 0) the Krylov space is invariant and the solution already exact
-            basis.append(w / torch.where(h_next > _tiny(h_next), h_next, torch.ones_like(h_next)))
+            basis.append(torch.where(alive, w / torch.where(alive, h_next, torch.ones_like(h_next)),
+                                     torch.zeros_like(w)))
             count = count + 1
         hess = torch.stack(columns, dim=-1)
         rhs = torch.cat([beta.reshape(1), beta.new_zeros(self.steps)])
-        y = torch.linalg.lstsq(hess, rhs.unsqueeze(-1)).solution.squeeze(-1)
+        y = torch.linalg.pinv(hess) @ rhs  # SVD-based: robust to the zero columns a breakdown leaves
         x = tree.unflatten(torch.stack(basis[:-1], dim=-1) @ y, b)
         return x, _info(count, x, tree.sub(b, operator.mv(x)), beta, self.tol)
 

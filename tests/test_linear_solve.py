@@ -111,3 +111,16 @@ def test_zero_rhs_and_vmap():
 def test_bad_arguments(bad):
     with pytest.raises(ValueError, match="must be"):
         bad()
+
+
+def test_gmres_with_more_steps_than_unknowns_stays_exact():
+    """After n steps the Krylov space is the whole space; later steps must not add round-off directions."""
+    for seed in range(5):
+        matrix = nonsymmetric(seed=seed)
+        op, as_tree = operator(matrix, symmetric=False)
+        b = torch.randn(7, dtype=f64)
+        x, info = bl.GMRES(steps=12)(op, as_tree(b))
+        assert torch.allclose(tree.flatten(x), torch.linalg.solve(matrix, b), rtol=1e-8, atol=1e-10)
+        assert bool(info.converged)
+    x, info = bl.GMRES(steps=30, tol=1e-12)(op, as_tree(b))  # a much larger budget, still exact
+    assert bool(info.converged)
