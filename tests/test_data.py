@@ -140,8 +140,9 @@ def test_download_verifies_checksums_and_falls_back(tmp_path, monkeypatch):
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    for file_name, _, _ in IDX_DATASETS["fashion-mnist"]["train"].values():
-        (bad / file_name).write_bytes(b"corrupt")
+    for split in ("train", "test"):
+        for file_name, _, _ in IDX_DATASETS["fashion-mnist"][split].values():
+            (bad / file_name).write_bytes(b"corrupt")
     monkeypatch.setitem(data.URLS, "fashion-mnist", [bad.as_uri() + "/", (DATA / "fashion-mnist").as_uri() + "/"])
     root = tmp_path / "root"
     root.mkdir()

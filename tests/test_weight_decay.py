@@ -22,6 +22,15 @@ DATA = Path(os.environ.get("BILEVEL_DATA", ROOT / ".." / "shared" / "data"))
 CONFIGS = sorted((ROOT / "configs" / "weight_decay").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These problems are tiny: extra intra-op threads only contend (badly, on a shared machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ridge_scalar():
     return make_task("diabetes", "ridge", "scalar", n_train=50, n_val=150)

@@ -84,6 +84,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     out_dir: str = "runs/weight_decay/default"  # results JSON and PNG plots go here
     progress: bool = True  # tqdm progress bars
+    threads: int = 1  # torch intra-op threads: these problems are small, and extra threads only contend
 
 
 def load_config(files=(), overrides=()) -> Config:

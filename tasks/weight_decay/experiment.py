@@ -37,9 +37,17 @@ def run(cfg, write: bool = True) -> dict:
 
     Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``.
     """
-    import wandb
-
     validate(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, write)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, write: bool) -> dict:
+    import wandb
     task = make_task(cfg.data.name, cfg.model.kind, cfg.model.decay, cfg.data.n_train, cfg.data.n_val,
                      cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root)
     solver = make_solver(cfg.inner.solver, cfg.inner.lr, cfg.inner.steps, cfg.inner.tol, cfg.inner.momentum)
