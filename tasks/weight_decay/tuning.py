@@ -29,7 +29,7 @@ class Cost:
     """What a tuning method spent."""
 
     inner_solves: int = 0
-    inner_steps: int = 0  # gradient evaluations of the inner loss
+    inner_steps: int = 0  # gradient evaluations of the inner loss that were computed
     hvps: int = 0  # Hessian-vector products of adjoint linear solves
     seconds: float = 0.0
 
@@ -179,7 +179,8 @@ def hypergradient_descent(
                            on_nonconvergence="ignore", on_nonfinite="raise")
         if not implicit:
             cost.inner_solves += 1
-        cost.inner_steps += int(out.inner_info.steps)
+        # Unrolled and forward mode compute the solver's whole budget: converged iterations are masked, not skipped.
+        cost.inner_steps += int(out.inner_info.steps) if implicit else solver_k.steps
         cost.hvps += int(out.linear_info.steps) if out.linear_info is not None else 0
         converged = bool(out.inner_info.converged)
         result.nonconverged_steps += not converged
