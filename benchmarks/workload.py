@@ -10,6 +10,7 @@ random 28x28 images: the cost of a meta-step does not depend on pixel values.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -147,11 +148,12 @@ def make_higher_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     return step
 
 
+@functools.lru_cache(maxsize=None)
 def load_learn2learn_maml():
     """``learn2learn.algorithms.MAML`` without importing the rest of learn2learn.
 
-    ``import learn2learn`` pulls in its vision and gym modules, which need torchvision; PyPI's torchvision wheels
-    are linked against CUDA builds of torch and do not load next to torch's CPU build. MAML itself needs only
+    ``import learn2learn`` pulls in its vision and gym modules, which need gym and torchvision; PyPI's
+    torchvision wheels are linked against CUDA builds of torch and do not load next to torch's CPU build. MAML needs only
     ``learn2learn.utils`` and ``learn2learn.algorithms.base_learner``, loaded here from the installed package.
     """
     try:
