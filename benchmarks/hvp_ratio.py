@@ -13,8 +13,8 @@ form it:
 - ``autograd``: ``torch.autograd.grad`` of the gradient with ``create_graph=True`` (what TorchOpt and higher do).
 
 The gradient is ``torch.func.grad(L)``. Times are process CPU time (with one thread, the time the work itself
-took, whatever else runs on the shared machine), medians over ``--repeats``; the ratio is product time / gradient time. The
-issue's target: an HVP at most 2.5x a gradient.
+took, whatever else runs on the shared machine), medians over ``--repeats``; the ratio is product time / gradient
+time. The issue's target: an HVP at most 2.5x a gradient.
 """
 
 from __future__ import annotations

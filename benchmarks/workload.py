@@ -153,8 +153,9 @@ def load_learn2learn_maml():
     """``learn2learn.algorithms.MAML`` without importing the rest of learn2learn.
 
     ``import learn2learn`` pulls in its vision and gym modules, which need gym and torchvision; PyPI's
-    torchvision wheels are linked against CUDA builds of torch and do not load next to torch's CPU build. MAML needs only
-    ``learn2learn.utils`` and ``learn2learn.algorithms.base_learner``, loaded here from the installed package.
+    torchvision wheels are linked against CUDA builds of torch and do not load next to torch's CPU build. MAML
+    needs only ``learn2learn.utils`` and ``learn2learn.algorithms.base_learner``, loaded here from the installed
+    package.
     """
     try:
         from learn2learn.algorithms import MAML
