@@ -89,7 +89,7 @@ def make_lever(name: str, cfg: Config):
                             on_nonconvergence="ignore").grad
 
     if name == "channels_last":
-        cl = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+        cl = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
         hparams = {k: cl(v) for k, v in hparams.items()}
         xs, xq = torch.stack([cl(x) for x in xs]), torch.stack([cl(x) for x in xq])  # task slices stay NHWC
         return lambda: meta_grad(hparams, (xs, ys), (xq, yq))
@@ -185,7 +185,7 @@ def main(argv=None):
         start = time.perf_counter()
         try:
             grads[name] = steps[name]()  # warm-up (and compilation)
-        except Exception as err:  # a lever that does not apply here is reported, not fatal
+        except Exception as err:  # noqa: BLE001 (a lever that does not apply here is reported, not fatal)
             print(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
             steps.pop(name)
             continue
@@ -199,7 +199,7 @@ def main(argv=None):
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - cpu_start)
 
-    flat = lambda g: torch.cat([v.detach().float().flatten() for v in g.values()])  # noqa: E731
+    flat = lambda g: torch.cat([v.detach().float().flatten() for v in g.values()])
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"MAML {args.steps}-step meta-step, {args.tasks} tasks, {args.threads} intra-op thread(s), median of "
           f"{args.repeats} (load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}), {date}")

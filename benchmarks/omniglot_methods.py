@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +59,8 @@ def run(config: dict, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.measure", json.dumps(config), "--repeats", str(args.repeats),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--mem-limit-gb", str(args.mem_limit_gb)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout,
+                          check=False)  # a failed configuration is recorded, not fatal
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if lines:
         record = json.loads(lines[-1])
@@ -102,8 +102,8 @@ def tables(records: dict, threads: int) -> str:
     def get(**config):
         return records.get((key_of(config), threads))
 
-    out = [f"Meta-step of 32 tasks (5-way 1-shot, 15 queries, conv4), {threads} thread(s): median wall seconds "
-           "(process CPU seconds) | peak RSS GB.", ""]
+    out = [(f"Meta-step of 32 tasks (5-way 1-shot, 15 queries, conv4), {threads} thread(s): median wall seconds "
+            "(process CPU seconds) | peak RSS GB."), ""]
     out += ["| implementation | 1 step: s | GB | 5 steps: s | GB |", "|---|---|---|---|---|"]
     for impl, method, label in (("autograd", "unrolled", "torch.autograd loop (MAML, 2nd order)"),
                                 ("higher", "unrolled", "higher (MAML, 2nd order)"),

@@ -11,8 +11,8 @@ random 28x28 images: the cost of a meta-step does not depend on pixel values.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class Config:
     method: str = "unrolled"
     steps: int = 1
     batching: str = "loop"
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     tasks: int = 32
     ways: int = 5
     shots: int = 1
@@ -148,7 +148,7 @@ def make_higher_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     return step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_learn2learn_maml():
     """``learn2learn.algorithms.MAML`` without importing the rest of learn2learn.
 
