@@ -35,5 +35,28 @@ def table(root: Path) -> str:
     return "\n".join(lines)
 
 
+
+
+def noise_table(root: Path) -> str:
+    """Per-feature decay with appended noise features, one line per seed: against the best scalar λ of the grid."""
+    lines = [
+        "| run | best scalar λ (grid) | scalar val / test | per-feature val / test | test better? | "
+        "geo-mean λ real | geo-mean λ noise |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path, r in rows(root):
+        h = r["hypergrad"]
+        if "geomean_wd_noise_features" not in h:
+            continue
+        g = r["grid"]["best"]
+        lines.append(
+            f"| {path.parent.relative_to(root)} | {g['wd']:.2g} | {g['val_loss']:.4f} / {g['test_loss']:.4f} | "
+            f"{h['final']['val_loss']:.4f} / {h['final']['test_loss']:.4f} | "
+            f"{'yes' if h['final']['test_loss'] < g['test_loss'] else 'no'} | "
+            f"{h['geomean_wd_real_features']:.2g} | {h['geomean_wd_noise_features']:.2g} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/weight_decay")))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/weight_decay")
+    print(table(root) + "\n\n" + noise_table(root))
