@@ -34,9 +34,9 @@ def root_vjp(condition: Condition, params: Params, hparams: HParams, batch: Batc
         linear_solver: ``(LinearOperator, b) -> (x, SolveInfo)``, e.g. ``CG()``.
         hvp: how products with ``Aᵀ`` are formed. ``"rev"`` (default) builds the VJP of ``F`` once and reuses its
             graph for every product (reverse-over-reverse for a stationarity condition); ``"fwd"`` takes a JVP
-            per product (forward-over-reverse, symmetric ``A`` only). Measured on this project's conv4 network
-            (CPU, torch 2.13): a reused VJP costs 1.3 gradients per product, a fresh JVP 3.1;
-            ``torch.func.linearize`` costs 2.7 s to build and has no vmap rule.
+            per product (forward-over-reverse, symmetric ``A`` only). On the conv4 Omniglot network (CPU, torch
+            2.13) a reused VJP costs 1.7-2.4 gradients per product and a fresh JVP 3.6-3.9
+            (``benchmarks/hvp_ratio.py``); ``torch.func.linearize`` takes seconds to build and has no vmap rule.
 
     Returns:
         ``(hparams cotangent uᵀB, SolveInfo of the linear solve, F(params))``; ``F(params)`` is the residual of the

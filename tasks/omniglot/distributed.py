@@ -47,7 +47,8 @@ class Context:
     def all_reduce_mean(self, grad: dict, metrics: dict, nonfinite: torch.Tensor):
         """Average ``grad`` and the scalar ``metrics`` over ranks; apply the non-finite policy on every rank at once.
 
-        Returns ``(grad, metrics)`` with plain floats in ``metrics``.
+        Returns ``(grad, metrics)`` with plain floats in ``metrics``; ``grad`` is ``None`` when the step is to be
+        skipped (a non-finite hypergradient on some rank under ``on_nonfinite="warn"`` or ``"ignore"``).
         """
         names = list(metrics)
         device = next(iter(grad.values())).device   # NCCL reduces GPU tensors only
@@ -71,7 +72,8 @@ class Context:
                 raise bl.NonFiniteError(message)
             if self.on_nonfinite == "warn":
                 warnings.warn(message + "; this outer step is skipped on every rank.", RuntimeWarning, stacklevel=2)
-            grad = {k: torch.zeros_like(v) for k, v in grad.items()}  # skip: every rank takes a zero step
+            # skip: no outer step on any rank (a zero gradient would still move Adam through its momentum)
+            grad = None
         return grad, metrics
 
     def close(self) -> None:

@@ -269,11 +269,12 @@ def main(cfg: DictConfig, data=None) -> dict:
         grad, loss, acc, out = meta_step(work, hparams, tasks)
         metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out)}
         grad, metrics = ctx.all_reduce_mean(grad, metrics, nonfinite=_nonfinite(grad, out))
-        for group in opt.param_groups:
-            group["lr"] = meta_lr(cfg, step)
-        for k, v in hparams.items():
-            v.grad = grad[k]
-        opt.step()
+        if grad is not None:  # None: a non-finite hypergradient somewhere, the step is skipped on every rank
+            for group in opt.param_groups:
+                group["lr"] = meta_lr(cfg, step)
+            for k, v in hparams.items():
+                v.grad = grad[k]
+            opt.step()
         history["step"].append(step + 1)
         for name in ("loss", "acc", "unconverged"):
             history[name].append(metrics[name])
