@@ -68,8 +68,9 @@ def test_meta_batch_not_divisible_by_world_size_is_a_clear_error():
     assert Context(rank=1, world_size=4).shard(8) == 2
 
 
-def _nonfinite_worker(rank: int, port: int, out: str):
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _nonfinite_worker(rank: int, out: str):
+    # A file rendezvous: no port to race for with other processes on the machine.
+    torch_dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     results = []
     for policy in ("raise", "ignore"):
         ctx = Context(rank, 2, on_nonfinite=policy)
@@ -85,6 +86,6 @@ def _nonfinite_worker(rank: int, port: int, out: str):
 
 
 def test_a_nonfinite_rank_stops_or_skips_every_rank(tmp_path):
-    mp.spawn(_nonfinite_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_nonfinite_worker, args=(str(tmp_path),), nprocs=2, join=True)
     expected = "raise: raised; ignore: step skipped, loss 1.5"    # both ranks agree; no hang
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == [expected, expected]
