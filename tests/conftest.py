@@ -9,6 +9,10 @@ os.environ.setdefault("BILEVEL_DATA", str((ROOT / ".." / "shared" / "data").reso
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+# Small problems: one intra-op thread avoids OpenMP spinning (measured far slower on a shared 2-core machine).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
