@@ -103,6 +103,7 @@ class InnerSolver:
 
 
 def _under_vmap() -> bool:
+    # under vmap a Python `if` on a tensor is an error, so only the masked update can stop an iterate there
     return any(i.key() == TransformType.Vmap for i in (get_interpreter_stack() or ()))
 
 

@@ -26,9 +26,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch._C._functorch import TransformType, get_interpreter_stack
 
 from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
+from .inner import _under_vmap
 from .linear_solve import _NONNEG, _STEPS, GMRES, LinearOperator, _check
 from .types import SolveInfo
 
@@ -76,11 +76,6 @@ def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: s
                 f"{what}: did not converge in {int(info.steps.max())} steps: residual "
                 f"{float(info.residual[failed].max()):.3g}{'' if tol is None else f' > tol {tol:g}'}{count}. {hint}")
     return not bool(nonfinite.any() | failed.any())
-
-
-def _under_vmap() -> bool:
-    # Under vmap a Python `if` on a tensor is an error, so only the masked update can stop an iterate there.
-    return any(i.key() == TransformType.Vmap for i in (get_interpreter_stack() or ()))
 
 
 _POS = (lambda v: v > 0, "> 0")
