@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,19 +26,14 @@ SMALL = [f"data.root={DATA}", "data.background=images_background_small1", "data.
          "meta.steps=2", "meta.optimizer=sgd", "meta.lr=0.5", "run.threads=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
     if not (resolve_root(DATA) / "images_background_small1.zip").is_file():
         pytest.skip(f"Omniglot small zips not found under {DATA} (set BILEVEL_DATA)")
     monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "examples" / "omniglot_fewshot.py"), *SMALL,
+    # --standalone: torchrun picks a free port itself (no window between choosing a port and binding it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "examples" / "omniglot_fewshot.py"), *SMALL,
            f"run.dir={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
