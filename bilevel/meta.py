@@ -8,6 +8,7 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
+from . import tree
 from .diagnostics import check
 from .methods import Problem
 from .types import Batch, HParams, Hypergrad, Params
@@ -18,23 +19,19 @@ BATCHING = ("loop", "vmap")
 def _validate(call: str, problem: Problem, hparams: HParams, params0: Optional[Params]):
     if not isinstance(problem, Problem):
         raise TypeError(f"{call}: problem must be a bilevel.Problem, got {type(problem).__name__}.")
-    for name, tree in (("hparams", hparams), ("params0", params0)):
-        if tree is None and name == "params0":
+    for name, value in (("hparams", hparams), ("params0", params0)):
+        if value is None and name == "params0":
             continue
-        if not isinstance(tree, dict) or not tree:
-            raise TypeError(f"{call}: {name} must be a non-empty dict[str, Tensor], got {type(tree).__name__}.")
-        bad = [k for k, v in tree.items() if not isinstance(v, torch.Tensor)]
+        if not isinstance(value, dict) or not value:
+            raise TypeError(f"{call}: {name} must be a non-empty dict[str, Tensor], got {type(value).__name__}.")
+        bad = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"{call}: {name} entries {bad} are not tensors.")
     if params0 is not None and problem.init is not None:
         ref = problem.init(hparams)
         if ref.keys() != params0.keys() or any(ref[k].shape != params0[k].shape for k in ref):
-            raise ValueError(f"{call}: params0 {_shapes(params0)} does not match problem.init(hparams) "
-                             f"{_shapes(ref)}.")
-
-
-def _shapes(tree) -> str:
-    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in tree.items()) + "}"
+            raise ValueError(f"{call}: params0 {tree.describe(params0)} does not match problem.init(hparams) "
+                             f"{tree.describe(ref)}.")
 
 
 def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
@@ -85,8 +82,8 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         raise ValueError(f"meta_grad(batching={batching!r}): must be one of {BATCHING}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"meta_grad(chunk_size={chunk_size!r}): must be None or a positive int.")
-    leaves = [(name, x) for name, tree in (("inner_batches", inner_batches), ("outer_batches", outer_batches),
-                                           ("params0", params0)) for x in pytree.tree_leaves(tree)
+    leaves = [(name, x) for name, value in (("inner_batches", inner_batches), ("outer_batches", outer_batches),
+                                            ("params0", params0)) for x in pytree.tree_leaves(value)
               if isinstance(x, torch.Tensor)]
     sizes = {x.shape[0] if x.dim() else None for _, x in leaves}
     if not leaves or len(sizes) != 1 or None in sizes:
@@ -109,7 +106,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         out = vmap(per_task, in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
             inner_batches, outer_batches, params0)
     else:
-        take = lambda tree, i: pytree.tree_map(lambda x: x[i], tree)  # noqa: E731
+        take = lambda value, i: pytree.tree_map(lambda x: x[i], value)  # noqa: E731
         outs = [per_task(take(inner_batches, i), take(outer_batches, i),
                          None if params0 is None else take(params0, i)) for i in range(num_tasks)]
         out = pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
