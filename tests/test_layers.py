@@ -272,12 +272,7 @@ def test_documented_snippets_run(doc):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    if doc == "guide.md":
-        text = (root / "docs" / doc).read_text()
-    else:  # the README's section on implicit layers
-        readme = (root / "README.md").read_text()
-        start = readme.index("## Implicit layers and root finding")
-        text = readme[start:readme.index("\n## ", start + 1)]
+    text = (root / "docs" / doc).read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert code
     scope = {}
