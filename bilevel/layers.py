@@ -47,8 +47,11 @@ from .conditions import Condition
 from .diagnostics import POLICIES
 from .implicit import root_vjp
 from .linear_solve import CG, GMRES, Neumann
-from .root_find import Anderson, Newton, _under_vmap, check_solve, fixed_point_residual
+from .ode import ODEInfo, odeint
+from .root_find import Anderson, Newton, Record, _under_vmap, check_solve, fixed_point_residual
 from .types import SolveInfo
+
+__all__ = ["fixed_point", "root", "argmin", "odeint", "ODEInfo", "Record"]
 
 Backward = Union[str, Callable]
 
@@ -201,8 +204,9 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
         backward: a linear solver for ``(I − ∂f/∂z)ᵀu = −z̄`` (default ``GMRES(steps=min(20, n), tol=1e-8)``, relative),
             ``"jfb"`` or ``"unrolled"``; see the module docstring for which gradient each gives. Default
             tolerances are raised to what the dtype can reach (1000 and 100 machine epsilons: float32).
-        on_nonconvergence, on_nonfinite: ``"raise" | "warn" | "ignore"``, applied to the forward and backward
-            solves (outside vmap).
+        on_nonconvergence: ``"raise" | "warn" | "ignore"``, applied to the forward and backward solves
+            (outside vmap).
+        on_nonfinite: the same choice for NaN or inf in either solve.
         return_info: also return the forward solve's ``SolveInfo``.
 
     Returns:
@@ -245,7 +249,9 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
         backward: a linear solver for ``(∂F/∂z)ᵀu = −z̄`` (default ``GMRES(steps=min(20, n), tol=1e-8)``), ``"jfb"`` or
             ``"unrolled"``. Default tolerances are raised for float32 as in ``fixed_point``.
         symmetric: declare ``∂F/∂z`` symmetric, which allows ``backward=CG(...)``.
-        on_nonconvergence, on_nonfinite, return_info: as in ``fixed_point``.
+        on_nonconvergence: as in ``fixed_point``.
+        on_nonfinite: as in ``fixed_point``.
+        return_info: as in ``fixed_point``.
 
     Example:
         >>> import torch
@@ -279,7 +285,9 @@ def argmin(objective: Callable, z0: Tensor, *args, solver=None, backward: Backwa
             method for minimisation with the dense Hessian; ``Picard(mixing=lr)`` is gradient descent).
         backward: default ``CG(steps=50, tol=1e-10)``; or any other linear solver, ``"jfb"`` or ``"unrolled"``.
             Default tolerances are raised for float32 as in ``fixed_point``.
-        on_nonconvergence, on_nonfinite, return_info: as in ``fixed_point``.
+        on_nonconvergence: as in ``fixed_point``.
+        on_nonfinite: as in ``fixed_point``.
+        return_info: as in ``fixed_point``.
 
     Example:
         >>> import torch

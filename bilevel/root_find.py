@@ -41,6 +41,37 @@ def fixed_point_residual(f: RootFn) -> RootFn:
     return lambda z, *args: z - f(z, *args)
 
 
+def _all_true(mask: Tensor) -> bool:
+    """``bool(mask.all())``, also under ``vmap``: there it reads the plain tensor under the functorch wrappers, i.e.
+    every batch entry, so a masked loop can stop as soon as the whole batch is done (one host sync per call)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(mask):
+        mask = torch._C._functorch.get_unwrapped(mask)
+    return bool(mask.all())
+
+
+class Record:
+    """Where a layer leaves the diagnostics of its solves: pass ``record=Record()`` to a layer, run the backward
+    pass, then read ``record.forward`` and ``record.backward`` (a ``SolveInfo``, or an ``ODEInfo`` for
+    ``odeint``). Under ``vmap`` the fields hold every batch entry (stacked along the vmapped dimension).
+
+    Example:
+        >>> import torch
+        >>> from bilevel.layers import Record, root
+        >>> a = torch.tensor([4.0, 9.0], dtype=torch.float64, requires_grad=True)
+        >>> rec = Record()
+        >>> z = root(lambda z, a: z ** 2 - a, torch.ones(2, dtype=torch.float64), a, record=rec)
+        >>> z.sum().backward(); bool(rec.backward.converged)
+        True
+    """
+
+    def __init__(self):
+        self.forward = None
+        self.backward = None
+
+    def __repr__(self):
+        return f"Record(forward={self.forward}, backward={self.backward})"
+
+
 def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: str = "",
                 on_nonconvergence: str = "warn", on_nonfinite: str = "raise") -> bool:
     """Apply the engine's policy to a (possibly batched) ``SolveInfo``, outside ``vmap``; ``True`` if all is well.
@@ -50,8 +81,9 @@ def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: s
         what: names the solve in the message, e.g. ``"Anderson(steps=50)"``.
         tol: the solver's tolerance, quoted in the message.
         hint: a suggested fix appended to the non-convergence message.
-        on_nonconvergence, on_nonfinite: ``"raise"`` (``NonConvergenceError`` / ``NonFiniteError``), ``"warn"``
-            (``NonConvergenceWarning`` / ``RuntimeWarning``) or ``"ignore"``.
+        on_nonconvergence: ``"raise"`` (``NonConvergenceError``), ``"warn"`` (``NonConvergenceWarning``) or
+            ``"ignore"``.
+        on_nonfinite: ``"raise"`` (``NonFiniteError``), ``"warn"`` (``RuntimeWarning``) or ``"ignore"``.
 
     Example:
         >>> import torch
