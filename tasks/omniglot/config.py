@@ -17,6 +17,7 @@ __all__ = ["OmniglotConfig", "load_config", "validate", "CONFIG_DIR", "METHODS"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "omniglot"
 METHODS = ("maml", "fomaml", "imaml", "reptile", "neumann")
+SAMPLINGS = ("any", "within_alphabet")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class DataConfig:
     protocol: str = "maml"                 # maml: 1100/100/423 of all characters | lake: background vs evaluation
     split_seed: int = 1                    # the split's own RNG (random.Random), never the global one
     num_train: int = 1100                  # maml protocol: train characters
-    num_val: int = 100                     # validation characters
+    num_val: int = 100                     # validation characters (lake + within_alphabet: at least this many,
+                                           # as whole background alphabets)
     rotation: str = "per_task"             # none | classes (x4 classes) | per_task (random per class per task)
     download: bool = True                  # fetch missing official zips (md5-checked)
     cache: bool = True                     # cache the 28x28 tensor under $BILEVEL_CACHE or ~/.cache/bilevel
@@ -38,6 +40,14 @@ class TaskConfig:
     ways: int = 5                          # N
     shots: int = 1                         # K support drawings per class
     queries: int = 1                       # Q query drawings per class (MAML reference: Q = K)
+    sampling: str = "any"                  # any: the N classes from any alphabets | within_alphabet: all N
+                                           # from one alphabet (Lake et al. 2015), for every split
+
+
+@dataclass
+class ModelConfig:
+    pool: str = "stride"                   # stride: the MAML reference's Omniglot conv4 (stride-2 convs, spatial
+                                           # mean) | max: 2x2 max-pooling after stride-1 convs (3x the compute)
 
 
 @dataclass
@@ -103,6 +113,7 @@ class WandbConfig:
 class OmniglotConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -153,6 +164,8 @@ def validate(cfg: DictConfig) -> None:
            f"data.rotation={cfg.data.rotation!r}; use none, classes or per_task.")
     _check(cfg.data.num_train > 0 and cfg.data.num_val > 0, "data.num_train and data.num_val must be > 0.")
     t = cfg.task
+    _check(t.sampling in SAMPLINGS, f"task.sampling={t.sampling!r}; use any or within_alphabet.")
+    _check(cfg.model.pool in ("stride", "max"), f"model.pool={cfg.model.pool!r}; use stride or max.")
     _check(t.ways >= 2, f"task.ways={t.ways}; need at least 2 classes.")
     _check(t.shots >= 1 and t.queries >= 1, f"task.shots={t.shots}, task.queries={t.queries}; both must be >= 1.")
     queries = cfg.eval.queries or t.queries

@@ -1,9 +1,31 @@
-"""The conv4 network of Finn et al. (2017) and the few-shot losses on it.
+"""The conv4 network of Finn et al. (2017) for Omniglot, and the few-shot losses on it.
 
-Four blocks of [3x3 conv (64 channels, padding 1), batch norm, ReLU, 2x2 max-pool] take a 28x28 image to 64
-features, followed by a linear head. Batch norm is in the MAML reference code's *transductive* mode: it always
-normalises with the statistics of the batch it is given (support and query sets separately) and keeps no running
-statistics, at meta-training and at test time alike.
+Two variants, chosen by ``pool`` (config key ``model.pool``):
+
+- ``"stride"`` (the default): the network of the MAML reference code for Omniglot (cbfinn/maml: ``utils.conv_block``
+  with its default ``max_pool=False``, then ``reduce_mean`` over the spatial dimensions in ``maml.forward_conv``),
+  also learn2learn's ``OmniglotCNN`` (``ConvBase(max_pool=False)`` then ``x.mean(dim=[2, 3])``). Four blocks of
+  [3x3 conv with stride 2 (64 channels), batch norm, ReLU] take a 28x28 image to 14, 7, 4 and 2 pixels; the
+  spatial mean gives 64 features for the linear head.
+- ``"max"``: the reference's choice for MiniImagenet, used here for Omniglot before: [3x3 conv with stride 1 and
+  padding 1, batch norm, ReLU, 2x2 max-pool] (28 -> 14 -> 7 -> 3 -> 1), flattened. It costs about 3x the
+  arithmetic of the strided network and gives the same parameter count (112,261 for 5-way), so checkpoints record
+  which variant they hold.
+
+Batch norm is in the reference code's *transductive* mode: it always normalises with the statistics of the batch
+it is given (support and query sets separately) and keeps no running statistics, at meta-training and test time.
+
+Deviations from the reference, on purpose:
+
+- Padding: TensorFlow's 'SAME' pads a stride-2 conv on 28x28 by 0 before and 1 after; PyTorch's ``padding=1`` is
+  symmetric (as learn2learn). The feature-map sizes are the same.
+- Batch norm: the reference's ``tf.contrib.layers.batch_norm`` has an offset but no scale, and the offsets are
+  meta-learned only (not adapted in the inner loop). Here the scale exists (initialised to 1, as learn2learn's
+  affine batch norm; learn2learn draws it from U[0, 1]) and every parameter is adapted in the inner loop, as in
+  learn2learn. The epsilon is the reference's 1e-3.
+- Initialisation (stride variant) is the reference's: Xavier-uniform conv filters, zero biases, head weights from
+  N(0, 1), zero head bias. The ``max`` variant keeps the initialisation it was run with here before (head weights
+  N(0, 0.01²), batch-norm epsilon 1e-5), so its earlier results stay reproducible.
 """
 
 from __future__ import annotations
@@ -13,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["Conv4", "cross_entropy_loss", "accuracy"]
+__all__ = ["Conv4", "POOLS", "cross_entropy_loss", "accuracy"]
+
+POOLS = ("stride", "max")
 
 
 class Conv4(nn.Module):
@@ -23,25 +47,34 @@ class Conv4(nn.Module):
         ways: number of output classes (N).
         channels: filters per conv layer (64 for Omniglot in the MAML paper).
         in_channels: 1 for Omniglot.
+        pool: ``"stride"`` (the MAML reference's Omniglot network) or ``"max"`` (see the module docstring).
     """
 
-    def __init__(self, ways: int, channels: int = 64, in_channels: int = 1):
+    def __init__(self, ways: int, channels: int = 64, in_channels: int = 1, pool: str = "stride"):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(c, channels, 3, padding=1) for c in (in_channels,) + (channels,) * 3)
+        if pool not in POOLS:
+            raise ValueError(f"Conv4: pool={pool!r}; use one of {POOLS}.")
+        self.pool = pool
+        stride = 2 if pool == "stride" else 1
+        self.eps = 1e-3 if pool == "stride" else 1e-5
+        self.convs = nn.ModuleList(nn.Conv2d(c, channels, 3, stride=stride, padding=1)
+                                   for c in (in_channels,) + (channels,) * 3)
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels, track_running_stats=False) for _ in range(4))
         self.head = nn.Linear(channels, ways)
-        # Initialisation of the MAML reference code: Xavier conv filters, zero biases, small head weights.
         for conv in self.convs:
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.normal_(self.head.weight, std=1.0 if pool == "stride" else 0.01)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms):
             # Batch statistics always (training=True, no running stats): transductive, as the MAML reference.
-            x = F.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True, eps=1e-5)
-            x = F.max_pool2d(F.relu(x), 2)
+            x = F.relu(F.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True, eps=self.eps))
+            if self.pool == "max":
+                x = F.max_pool2d(x, 2)
+        if self.pool == "stride":
+            return self.head(x.mean(dim=(2, 3)))
         return self.head(x.flatten(1))
 
     def init_params(self) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ each draw their own slice of the global meta-batch and together see exactly the 
 Rotations (multiples of 90 degrees) are either new classes (``"classes"``: each character gives 4 classes, as in
 Vinyals et al. and Santoro et al.), one random rotation per class per task (``"per_task"``: the MAML reference
 code), or not used (``"none"``).
+
+Classes come from any alphabets (``alphabets=None``), or all N classes of a task from one alphabet (Lake et al.'s
+one-shot protocol): an alphabet is drawn uniformly among those with at least N classes, the others are skipped
+(:attr:`TaskSampler.skipped` names them).
 """
 
 from __future__ import annotations
@@ -50,13 +54,16 @@ class TaskSampler:
         ways, shots, queries: N, K and Q.
         rotation: ``"none"``, ``"classes"`` or ``"per_task"`` (see the module docstring).
         seed: seed of the task stream (independent of the global RNG).
+        alphabets: ``None`` (classes from any alphabet) or the alphabet of each character of ``pool``: every task
+            then draws its N classes from one alphabet.
 
     Raises:
-        ValueError: N larger than the classes available, K + Q larger than the drawings per class, bad names.
+        ValueError: N larger than the classes available (in every alphabet, when sampling within alphabets),
+            K + Q larger than the drawings per class, bad names.
     """
 
     def __init__(self, images: torch.Tensor, pool, *, ways: int, shots: int, queries: int,
-                 rotation: str = "none", seed: int = 0):
+                 rotation: str = "none", seed: int = 0, alphabets=None):
         pool = torch.as_tensor(list(pool), dtype=torch.long)
         if rotation not in ROTATIONS:
             raise ValueError(f"TaskSampler: rotation={rotation!r}; choose one of {ROTATIONS}.")
@@ -66,6 +73,25 @@ class TaskSampler:
         if ways > classes:
             raise ValueError(f"TaskSampler: {ways}-way tasks need {ways} classes but this split has {classes} "
                              f"({len(pool)} characters, rotation={rotation!r}); lower task.ways.")
+        per_char = 4 if rotation == "classes" else 1
+        self.groups, self.skipped = None, {}
+        if alphabets is not None:
+            alphabets = list(alphabets)
+            if len(alphabets) != len(pool):
+                raise ValueError(f"TaskSampler: {len(alphabets)} alphabet names for {len(pool)} characters.")
+            members: dict[str, list[int]] = {}
+            for pos, name in enumerate(alphabets):
+                members.setdefault(name, []).append(pos)
+            # Classes of an alphabet: its characters (x4 rotations with rotation="classes"), as class indices.
+            groups = {name: torch.tensor([p * per_char + r for p in pos for r in range(per_char)])
+                      for name, pos in sorted(members.items())}
+            self.skipped = {name: len(g) for name, g in groups.items() if len(g) < ways}
+            self.groups = [g for name, g in groups.items() if len(g) >= ways]
+            if not self.groups:
+                largest = max(groups.items(), key=lambda kv: len(kv[1]))
+                raise ValueError(f"TaskSampler: {ways}-way tasks within one alphabet, but the largest alphabet of "
+                                 f"this split, {largest[0]}, has {len(largest[1])} classes; lower task.ways or "
+                                 f"use task.sampling=any.")
         drawings = images.shape[1]
         if shots + queries > drawings:
             raise ValueError(f"TaskSampler: shots + queries = {shots} + {queries} > {drawings} drawings per "
@@ -79,7 +105,11 @@ class TaskSampler:
         seed = int(np.random.SeedSequence([self.seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
         g = torch.Generator().manual_seed(seed)
         n, m = self.ways, self.shots + self.queries
-        cls = torch.randperm(self.num_classes, generator=g)[:n]
+        if self.groups is None:
+            cls = torch.randperm(self.num_classes, generator=g)[:n]
+        else:
+            group = self.groups[int(torch.randint(len(self.groups), (), generator=g))]
+            cls = group[torch.randperm(len(group), generator=g)[:n]]
         if self.rotation == "classes":
             char, rot = cls // 4, cls % 4
         elif self.rotation == "per_task":

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 import bilevel as bl
 
 from . import distributed as dist
-from .config import load_config
+from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
 from .model import Conv4, cross_entropy_loss
 from .sampler import TaskSampler, Tasks
-from .splits import make_split
+from .splits import alphabet, make_split
 
 __all__ = ["Workload", "build", "make_method", "evaluate", "main", "cli"]
 
@@ -80,19 +80,25 @@ def build(cfg: DictConfig, data=None) -> Workload:
     d, t = cfg.data, cfg.task
     sets = (d.background,) + ((d.evaluation,) if d.evaluation else ())
     data = data or load_omniglot(sets, d.root, download=d.download, cache=d.cache)
+    within = t.sampling == "within_alphabet"
     split = make_split(data, d.protocol, seed=d.split_seed, num_train=d.num_train, num_val=d.num_val,
-                       background=d.background)
+                       background=d.background, val_alphabets=within)
     eval_queries = cfg.eval.queries or t.queries
     samplers = {}
     for name, seed, queries in (("train", 0, t.queries), ("val", VAL_SEED, eval_queries),
                                 ("test", TEST_SEED, eval_queries)):
+        alphabets = [alphabet(data.characters[i]) for i in split[name]] if within else None
         try:
             samplers[name] = TaskSampler(data.images, split[name], ways=t.ways, shots=t.shots, queries=queries,
-                                         rotation=d.rotation, seed=cfg.run.seed + seed)
+                                         rotation=d.rotation, seed=cfg.run.seed + seed, alphabets=alphabets)
         except ValueError as err:
             raise ValueError(f"{name} split ({d.protocol} protocol): {err}") from None
+        if samplers[name].skipped and cfg.run.progress:
+            print(f"{name} split: {len(samplers[name].groups)} alphabets with >= {t.ways} classes; skipped "
+                  f"{len(samplers[name].skipped)} smaller ones ({', '.join(samplers[name].skipped)}).",
+                  file=sys.stderr)
     torch.manual_seed(cfg.run.seed)
-    model = Conv4(t.ways)
+    model = Conv4(t.ways, pool=cfg.model.pool)
     problem, method, test_solver = make_method(cfg, model)
     return Workload(cfg, model, problem, method, test_solver, samplers, _device(cfg))
 
@@ -104,6 +110,14 @@ def _device(cfg: DictConfig) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(cfg.run.device)
+
+
+def check_model(saved: DictConfig, cfg: DictConfig, path) -> None:
+    """Refuse a checkpoint of the other conv4 variant (both have the same parameter names and shapes)."""
+    pool = OmegaConf.select(saved, "model.pool", default="max")   # checkpoints from before model.pool: max-pool
+    if pool != cfg.model.pool:
+        raise ValueError(f"{path} holds a conv4 trained with model.pool={pool}, not model.pool={cfg.model.pool}; "
+                         f"add model.pool={pool} to load it.")
 
 
 def task_accuracy(model, params, images, labels) -> torch.Tensor:
@@ -210,7 +224,9 @@ def _plot_curves(path: Path, history: dict, title: str) -> None:
 def _protocol(cfg: DictConfig) -> str:
     d, t, i = cfg.data, cfg.task, cfg.inner
     return (f"{t.ways}-way {t.shots}-shot, {t.queries} train / {cfg.eval.queries or t.queries} test queries per "
-            f"class; {d.protocol} split (seed {d.split_seed}); rotation {d.rotation}; conv4 with transductive "
+            f"class; {d.protocol} split (seed {d.split_seed}); classes from {t.sampling.replace('_', ' ')} "
+            f"alphabet{'s' if t.sampling == 'any' else ''}; rotation {d.rotation}; conv4 ({cfg.model.pool} "
+            f"variant) with transductive "
             f"batch norm (batch statistics of support and query sets, no running statistics); inner "
             f"{i.solver} lr {i.lr} x {i.steps} steps (test: lr {i.test_lr or i.lr} x {i.test_steps})")
 
@@ -226,11 +242,13 @@ def main(cfg: DictConfig, data=None) -> dict:
     work.model.to(work.device)
     hparams = work.model.init_params()
     opt = make_optimizer(cfg, hparams)
-    history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": []}
-    start, elapsed, wandb_id = 0, 0.0, None
+    history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": [],
+               "val_time": [], "val_cpu": []}
+    start, elapsed, cpu, wandb_id = 0, 0.0, 0.0, None
     if cfg.run.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False, map_location=work.device)
-        saved = OmegaConf.create(state["config"])
+        saved = OmegaConf.merge(OmegaConf.structured(OmniglotConfig), state["config"])  # new keys: defaults
+        check_model(saved, cfg, ckpt_path)
         for key in ("task", "method", "inner", "data"):
             if OmegaConf.to_container(saved[key]) != OmegaConf.to_container(cfg[key]):
                 raise ValueError(f"--resume: the config's {key!r} section differs from the checkpoint's at "
@@ -240,6 +258,9 @@ def main(cfg: DictConfig, data=None) -> dict:
                 hparams[k].copy_(v)
         opt.load_state_dict(state["optimizer"])
         history, start, elapsed, wandb_id = state["history"], state["step"], state["elapsed"], state["wandb_id"]
+        cpu = state.get("cpu", 0.0)
+        for key in ("val_time", "val_cpu"):      # checkpoints from before these curves
+            history.setdefault(key, [float("nan")] * len(history["val_step"]))
         history.setdefault("unconverged", [0.0] * len(history["step"]))  # checkpoints from before this metric
     elif cfg.run.resume and ctx.is_main:
         print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
@@ -256,13 +277,14 @@ def main(cfg: DictConfig, data=None) -> dict:
         if ctx.is_main:
             _save_checkpoint(ckpt_path, {
                 "step": step, "hparams": hparams, "optimizer": opt.state_dict(), "history": history,
-                "elapsed": elapsed, "wandb_id": wandb_id, "config": OmegaConf.to_container(cfg),
+                "elapsed": elapsed, "cpu": cpu, "wandb_id": wandb_id, "config": OmegaConf.to_container(cfg),
                 "ways": cfg.task.ways})
 
     per_rank = ctx.shard(cfg.meta.batch)
     bar = tqdm(total=cfg.meta.steps, initial=start, unit="meta-step", desc=cfg.run.name, dynamic_ncols=True,
                disable=not (cfg.run.progress and ctx.is_main), mininterval=1.0)
-    tic = time.perf_counter()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
+    best = max(history["val_acc"], default=-1.0)
     for step in range(start, cfg.meta.steps):
         tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
         tasks = Tasks(*(t.to(work.device) for t in tasks))
@@ -283,10 +305,20 @@ def main(cfg: DictConfig, data=None) -> dict:
         log = {f"train/{k}": v for k, v in metrics.items()} | {"meta_lr": meta_lr(cfg, step)}
         done = step + 1
         if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.meta.steps) and ctx.is_main:
+            # Time to accuracy counts training only: the clocks stop during validation.
+            elapsed += time.perf_counter() - tic
+            cpu += time.process_time() - cpu_tic
             val = evaluate(work, hparams, "val", cfg.eval.val_tasks)
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             history["val_step"].append(done)
             history["val_acc"].append(val["accuracy"])
             history["val_ci"].append(val["ci95"])
+            history["val_time"].append(elapsed)
+            history["val_cpu"].append(cpu)
+            if val["accuracy"] > best:   # the weights the final test uses (best by validation), kept apart
+                best = val["accuracy"]
+                _save_checkpoint(run_dir / "best.pt", {"step": done, "hparams": hparams, "val": val,
+                                                       "config": OmegaConf.to_container(cfg)})
             log.update({"val/acc": val["accuracy"], "val/ci95": val["ci95"]})
             bar.write(f"step {done}: validation accuracy {100 * val['accuracy']:.2f} "
                       f"+- {100 * val['ci95']:.2f} % ({val['tasks']} tasks)")
@@ -294,10 +326,12 @@ def main(cfg: DictConfig, data=None) -> dict:
             wandb_run.log(log, step=done)
         if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
             elapsed += time.perf_counter() - tic
-            tic = time.perf_counter()
+            cpu += time.process_time() - cpu_tic
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             checkpoint(done)
     bar.close()
     elapsed += time.perf_counter() - tic
+    cpu += time.process_time() - cpu_tic
     if start < cfg.meta.steps or not ckpt_path.is_file():
         checkpoint(cfg.meta.steps)
 

@@ -1,0 +1,111 @@
+"""The reference conv4 (stride-2 convs, spatial mean) and the within-alphabet task sampling of Lake et al."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from tasks.omniglot import train
+from tasks.omniglot.config import load_config
+from tasks.omniglot.data import load_omniglot, resolve_root
+from tasks.omniglot.model import Conv4
+from tasks.omniglot.sampler import TaskSampler
+from tasks.omniglot.splits import alphabet, make_split
+
+DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def small():
+    if not (resolve_root(DATA) / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot small zips not found under {DATA} (set BILEVEL_DATA)")
+    return load_omniglot(("images_background_small1",), DATA, download=False, cache=False)
+
+
+def reference_conv4(p, x, eps=1e-3):
+    """cbfinn/maml ``forward_conv`` without max-pooling, written out with torch.nn.functional."""
+    sizes = []
+    for i in range(4):
+        x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], stride=2, padding=1)
+        mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + eps) * p[f"norms.{i}.weight"][:, None, None] + p[f"norms.{i}.bias"][:, None, None]
+        x = x.relu()
+        sizes.append(x.shape[-1])
+    return x.mean((2, 3)) @ p["head.weight"].T + p["head.bias"], sizes
+
+
+def test_reference_network_sizes_parameters_and_forward():
+    torch.manual_seed(0)
+    model = Conv4(ways=5).double()
+    params = model.init_params()
+    assert sum(v.numel() for v in params.values()) == 112_261       # the same count as the max-pool variant
+    assert sum(v.numel() for v in Conv4(5, pool="max").parameters()) == 112_261
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    expected, sizes = reference_conv4(params, x)
+    assert sizes == [14, 7, 4, 2]
+    torch.testing.assert_close(functional_call(model, params, (x,)), expected, rtol=1e-12, atol=1e-12)
+    # The reference's initialisation: N(0, 1) head weights, zero biases, Xavier-uniform filters.
+    assert 0.8 < params["head.weight"].std() < 1.2 and not params["head.bias"].any()
+    fan = 64 * 9 + 64 * 9
+    assert params["convs.1.weight"].abs().max() <= (6 / fan) ** 0.5
+
+
+def test_max_pool_variant_is_kept_and_costs_more():
+    model = Conv4(ways=5, pool="max")
+    x = torch.rand(3, 1, 28, 28)
+    assert functional_call(model, model.init_params(), (x,)).shape == (3, 5)
+    with pytest.raises(ValueError, match="pool='avg'"):
+        Conv4(5, pool="avg")
+
+
+def test_a_max_pool_checkpoint_is_refused_by_the_strided_network(small, tmp_path):
+    base = [f"data.root={DATA}", "data.background=images_background_small1", "data.evaluation=null",
+            "data.num_train=100", "data.num_val=16", "wandb.mode=disabled", "run.progress=false",
+            "eval.val_tasks=4", "eval.test_tasks=4", "inner.test_steps=1", "meta.steps=2", "meta.batch=2",
+            "eval.every=0", f"run.dir={tmp_path}", "run.threads=null"]
+    train.main(load_config("demo", base + ["model.pool=max"]), small)
+    with pytest.raises(ValueError, match="model.pool=max"):
+        train.main(load_config("demo", base + ["run.resume=true", "meta.steps=3"]), small)
+
+
+def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(small):
+    pool = list(range(len(small)))
+    names = [alphabet(c) for c in small.characters]
+    sizes = {a: names.count(a) for a in set(names)}
+    ways = 20
+    sampler = TaskSampler(small.images, pool, ways=ways, shots=1, queries=1, rotation="none", seed=0,
+                          alphabets=names)
+    assert set(sampler.skipped) == {a for a, n in sizes.items() if n < ways}
+    seen = set()
+    for step in range(30):
+        x = sampler._task(step, 0)                                    # [N, K+Q, H, W]
+        rows = [next(i for i in pool if any(torch.equal(x[c, 0], small.images[i, d]) for d in range(20)))
+                for c in range(ways)]
+        alphabets = {names[r] for r in rows}
+        assert len(alphabets) == 1 and len(set(rows)) == ways
+        seen |= alphabets
+    assert len(seen) > 1                                              # alphabets vary across tasks
+    largest = max(sizes.values())
+    with pytest.raises(ValueError, match=f"has {largest} classes; lower task.ways"):
+        TaskSampler(small.images, pool, ways=largest + 1, shots=1, queries=1, alphabets=names)
+
+
+def test_lake_split_can_hold_out_whole_alphabets_for_validation(small):
+    class Two:                                  # a background and an "evaluation" set from the small zip
+        characters = tuple(c if i % 3 else c.replace("images_background_small1", "images_evaluation", 1)
+                           for i, c in enumerate(small.characters))
+
+        def __len__(self):
+            return len(self.characters)
+
+    data = Two()
+    split = make_split(data, "lake", num_val=30, background="images_background_small1", val_alphabets=True)
+    train_a = {alphabet(data.characters[i]) for i in split["train"]}
+    val_a = {alphabet(data.characters[i]) for i in split["val"]}
+    assert len(split["val"]) >= 30 and not train_a & val_a
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(len(data)))
