@@ -2,15 +2,16 @@
 PYTHON ?= python
 # Local data (Omniglot, MNIST, Fashion-MNIST); missing Omniglot is downloaded into ~/.cache/bilevel instead.
 export BILEVEL_DATA ?= $(abspath ../shared/data)
+export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: install demo test
+.PHONY: install demo test docs docs-build
 
 install: .installed
 
 # torch first, pinned: the local CPU build (an unpinned torch pulls a multi-GB CUDA build).
 .installed: pyproject.toml
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test]"
+	$(PYTHON) -m pip install -e ".[test,docs]"
 	touch $@
 
 demo: install
@@ -18,3 +19,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/): serve it at http://127.0.0.1:8000, or build it into site/ as CI does.
+docs: install
+	$(PYTHON) -m mkdocs serve
+
+docs-build: install
+	$(PYTHON) -m mkdocs build --strict
