@@ -48,10 +48,11 @@ from .diagnostics import POLICIES
 from .implicit import root_vjp
 from .linear_solve import CG, GMRES, Neumann
 from .ode import ODEInfo, odeint
+from .qp import InfeasibleError, UnboundedError, qp
 from .root_find import Anderson, Newton, Record, _under_vmap, check_solve, fixed_point_residual
 from .types import SolveInfo
 
-__all__ = ["fixed_point", "root", "argmin", "odeint", "ODEInfo", "Record"]
+__all__ = ["fixed_point", "root", "argmin", "odeint", "ODEInfo", "qp", "InfeasibleError", "UnboundedError", "Record"]
 
 Backward = Union[str, Callable]
 
