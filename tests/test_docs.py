@@ -22,7 +22,7 @@ from bilevel import inner, methods, testing
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>.*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 
 
 def _blocks(path):
