@@ -45,8 +45,8 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
         one = train.main(load_config("demo", SMALL + [f"run.dir={tmp_path / 'one'}"]), data)
     finally:
         torch.set_num_threads(threads)
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     # Plain SGD: the weights after k steps are theta_0 - lr * (sum of the k mean hypergradients), so equal weights
     # mean equal hypergradients; the only difference allowed is the order of float additions.
     for k in a["hparams"]:

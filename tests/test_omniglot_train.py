@@ -81,7 +81,7 @@ def test_implicit_nonconvergence_is_reported_not_hidden(small, tmp_path):
 
 
 def _final_hparams(run_dir: Path):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["hparams"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["hparams"]
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkeypatch):
@@ -100,7 +100,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkey
     monkeypatch.setattr(train, "meta_step", crash_on_fourth_step)
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny(tmp_path / "b", *args), small)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "b" / "results.json").exists()   # a failed run leaves no results
     assert not list((tmp_path / "b").glob("*.tmp"))          # nor half-written files
     monkeypatch.setattr(train, "meta_step", real_step)
@@ -109,7 +109,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkey
     a, b = _final_hparams(tmp_path / "a"), _final_hparams(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"] == straight["test"]
-    history = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["history"]
+    history = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["history"]
     assert history["step"] == [1, 2, 3, 4, 5] and history["val_step"] == [2, 4, 5]
 
 
@@ -132,7 +132,7 @@ def test_kill_9_then_resume_ends_with_the_same_weights(small, tmp_path, monkeypa
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)                          # wherever it is: mid-step or mid-checkpoint
     proc.wait()
-    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 1 <= step < 8 and not (killed / "results.json").exists()
     train.main(load_config("demo", SMALL + args + [f"run.dir={killed}", "run.resume=true"]), small)
     train.main(load_config("demo", SMALL + args + [f"run.dir={tmp_path / 'straight'}"]), small)

@@ -81,6 +81,9 @@ class MetaConfig:
     on_nonconvergence: str = "warn"        # ignore | warn | raise; implicit methods only (fixed-budget inner loops
                                            # and adjoint solves that miss tol); the fraction is logged either way
     on_nonfinite: str = "raise"            # ignore | warn | raise
+    on_divergence: str = "raise"           # raise | warn | ignore: loss far above a uniform guess, accuracy at
+                                           # chance after warm-up, mostly skipped steps (non-finite or exploded
+                                           # weights always stop the run; see docs/failure-modes.md)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class RunConfig:
     device: str = "auto"                   # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:1 ...
     progress: bool = True                  # tqdm progress bar
     resume: bool = False                   # continue from <dir>/checkpoint.pt (also --resume)
+    overwrite: bool = False                # delete the run already in <dir> and start afresh (also --overwrite)
 
 
 @dataclass
@@ -136,7 +140,10 @@ def load_config(name: str | None = "demo", overrides: list[str] | tuple[str, ...
         if not path.is_file():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
-        layers.append((str(path), OmegaConf.load(path)))
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # a YAML syntax error: where it is, without the parser's traceback
+            raise ValueError(f"cannot parse config file {path}: {' '.join(str(err).split())}") from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must be key=value, got {bad} (e.g. meta.steps=100 method.name=fomaml).")
@@ -184,12 +191,16 @@ def validate(cfg: DictConfig) -> None:
     _check(mc.optimizer in ("adam", "sgd"), f"meta.optimizer={mc.optimizer!r}; use adam or sgd.")
     _check(mc.schedule in ("constant", "linear"), f"meta.schedule={mc.schedule!r}; use constant or linear.")
     _check(mc.batching in ("loop", "vmap"), f"meta.batching={mc.batching!r}; use loop or vmap.")
-    for key in ("on_nonconvergence", "on_nonfinite"):
+    _check(mc.chunk_size is None or mc.chunk_size >= 1, f"meta.chunk_size={mc.chunk_size}; use null or >= 1.")
+    for key in ("on_nonconvergence", "on_nonfinite", "on_divergence"):
         _check(mc[key] in ("ignore", "warn", "raise"), f"meta.{key}={mc[key]!r}; use ignore, warn or raise.")
     e = cfg.eval
     _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
            "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0.")
+    _check(cfg.run.threads is None or cfg.run.threads >= 1, f"run.threads={cfg.run.threads}; use null or >= 1.")
+    _check(not (cfg.run.resume and cfg.run.overwrite),
+           "run.resume and run.overwrite (--resume, --overwrite) exclude each other; pick one.")
     _check(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda"),
            f"run.device={cfg.run.device!r}; use auto, cpu, cuda or cuda:<index>.")
     _check(cfg.wandb.mode in ("offline", "online", "disabled"),

@@ -8,7 +8,11 @@ Local copies are validated by structure (character and drawing counts, image siz
 re-packed zips hold the same images in different containers. Downloads are verified against the official md5.
 
 Decoding 32,460 PNGs takes a while, so the images are resized once (Lanczos, antialiased; inverted so strokes are
-1 as in the MAML reference code) and cached under ``$BILEVEL_CACHE`` (default ``~/.cache/bilevel``).
+1 as in the MAML reference code) and cached under ``$BILEVEL_CACHE`` (default ``~/.cache/bilevel``). The cache is
+derived data: a cache file that cannot be read or does not match its sources (shape, character names, source
+fingerprint) is named in a warning and rebuilt; a cache folder that cannot be written is named in a warning and
+the run continues without caching. A local zip that is not a readable archive is named as damaged, and replaced by
+a verified download when downloads are allowed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ __all__ = ["OmniglotImages", "load_omniglot", "resolve_root", "cache_dir", "OFFI
 
 IMAGE_SIZE = 105
 DRAWINGS = 20
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the cache stores its sources' fingerprint
 
 # name -> (url, md5, characters, alphabets) of the official files (github.com/brendenlake/omniglot).
 OFFICIAL = {
@@ -137,7 +142,7 @@ class _Source:
                     f"there, point data.root / $BILEVEL_DATA at the folder holding them, or set data.download=true.")
             archive = download(name, root)
         self.name = name
-        self.zip = None if folder.is_dir() else zipfile.ZipFile(archive)
+        self.zip = None if folder.is_dir() else _open_zip(name, root, archive, allow_download)
         self.where = str(folder if self.zip is None else archive)
         if self.zip is None:
             files = [p.relative_to(root).as_posix() for p in sorted(folder.glob("*/*/*.png"))]
@@ -178,6 +183,55 @@ class _Source:
         return (self.root / member).read_bytes()
 
 
+def _open_zip(name: str, root: Path, archive: Path, allow_download: bool) -> zipfile.ZipFile:
+    """Open a local zip; a damaged one is named, and replaced by a verified download when that is allowed."""
+    try:
+        return zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        problem = f"{archive} is damaged (not a readable zip archive: {err})"
+    if not allow_download or name not in OFFICIAL:
+        raise ValueError(f"{problem}; replace it with the official file"
+                         f"{' or set data.download=true to fetch a verified copy' if name in OFFICIAL else ''}.")
+    warnings.warn(f"{problem}; replacing it by a verified download.", RuntimeWarning, stacklevel=3)
+    return zipfile.ZipFile(download(name, root))
+
+
+def _read_cache(path: Path, characters: list[str], size: int, fingerprint: str) -> OmniglotImages | None:
+    """The cached tensor if ``path`` holds exactly what the sources would give; otherwise warn and return None."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        images = saved["images"]
+        problem = None
+        if saved.get("fingerprint") != fingerprint:
+            problem = "its sources' fingerprint differs"
+        elif list(saved["characters"]) != characters:
+            problem = f"{len(saved['characters'])} characters instead of the sources' {len(characters)}"
+        elif (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8
+              or tuple(images.shape) != (len(characters), DRAWINGS, size, size)):
+            problem = f"images of shape {tuple(getattr(images, 'shape', ()))}, expected " \
+                      f"{(len(characters), DRAWINGS, size, size)} uint8"
+    except Exception as err:   # truncated, empty, not a torch file, not a dict, ...: it is only a cache
+        problem = f"unreadable: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+    if problem is None:
+        return OmniglotImages(images, tuple(characters))
+    warnings.warn(f"Omniglot image cache {path} is invalid ({problem}); rebuilding it from the sources.",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _write_cache(path: Path, data: OmniglotImages, fingerprint: str) -> None:
+    """Write the cache atomically; an unwritable cache folder is a warning, since the cache is optional."""
+    try:
+        _atomic_write(path, lambda f: torch.save({"images": data.images, "characters": list(data.characters),
+                                                  "fingerprint": fingerprint}, f))
+    except OSError as err:
+        warnings.warn(f"cannot write the Omniglot image cache {path} ({err.strerror or err}); continuing without a "
+                      f"cache (set $BILEVEL_CACHE to a writable folder or data.cache=false).", RuntimeWarning,
+                      stacklevel=3)
+
+
 def _decode(source: _Source, member: str, size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source.read(member))) as im:
@@ -212,10 +266,11 @@ def load_omniglot(sets: tuple[str, ...] = ("images_background", "images_evaluati
     root = resolve_root(root)
     sources = [_Source(name, root, download) for name in sets]
     key = hashlib.sha1(repr((CACHE_VERSION, size, [(s.name, s.fingerprint) for s in sources])).encode())
-    path = cache_dir() / f"omniglot-{size}px-{key.hexdigest()[:16]}.pt"
-    if cache and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return OmniglotImages(saved["images"], tuple(saved["characters"]))
+    fingerprint = key.hexdigest()
+    path = cache_dir() / f"omniglot-{size}px-{fingerprint[:16]}.pt"
+    expected = [char for source in sources for char in sorted(source.characters)]
+    if cache and (cached := _read_cache(path, expected, size, fingerprint)) is not None:
+        return cached
     characters, images = [], []
     for source in sources:
         source.validate()
@@ -224,5 +279,5 @@ def load_omniglot(sets: tuple[str, ...] = ("images_background", "images_evaluati
             images.append(np.stack([_decode(source, f, size) for f in files]))
     data = OmniglotImages(torch.from_numpy(np.stack(images)), tuple(characters))
     if cache:
-        _atomic_write(path, lambda f: torch.save({"images": data.images, "characters": list(characters)}, f))
+        _write_cache(path, data, fingerprint)
     return data

@@ -32,6 +32,7 @@ class Context:
     world_size: int = 1
     on_nonfinite: str = "raise"
     owns_group: bool = False
+    warned: bool = False       # the skip warning is given once per run; every skipped step is in results.json
 
     @property
     def is_main(self) -> bool:
@@ -70,8 +71,10 @@ class Context:
                        "or check the data")
             if self.on_nonfinite == "raise":
                 raise bl.NonFiniteError(message)
-            if self.on_nonfinite == "warn":
-                warnings.warn(message + "; this outer step is skipped on every rank.", RuntimeWarning, stacklevel=2)
+            if self.on_nonfinite == "warn" and not self.warned:
+                self.warned = True
+                warnings.warn(message + "; the outer step is skipped on every rank (this and later skips are "
+                              "listed in results.json as skipped_steps).", RuntimeWarning, stacklevel=2)
             # skip: no outer step on any rank (a zero gradient would still move Adam through its momentum)
             grad = None
         return grad, metrics

@@ -5,10 +5,14 @@ Usage::
     python examples/omniglot_fewshot.py                                   # the demo config (~5 min on 2 cores)
     python examples/omniglot_fewshot.py --config maml_5w1s meta.batch=16  # a paper config with overrides
     python examples/omniglot_fewshot.py --config maml_5w1s --resume       # continue from <run.dir>/checkpoint.pt
+    python examples/omniglot_fewshot.py --config maml_5w1s --overwrite    # replace the run held in <run.dir>
 
 Writes ``checkpoint.pt`` (atomically, every ``run.checkpoint_every`` meta-steps), then ``results.json`` (test
 accuracy with a 95% confidence interval over ``eval.test_tasks`` tasks) and ``curves.png`` into ``run.dir``
 (default ``runs/omniglot/<run.name>``).
+
+A folder that already holds a run is refused without ``--resume`` or ``--overwrite``; errors in the inputs, the
+run folder and divergence end the script with one line (``BILEVEL_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from . import distributed as dist
 from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
 from .model import Conv4, cross_entropy_loss
+from .run_folder import (DivergenceError, RunFolder, check_resume, check_step, load_checkpoint,
+                         weights_norm)
 from .sampler import TaskSampler, Tasks
 from .splits import alphabet, make_split
 
@@ -109,6 +115,9 @@ def _device(cfg: DictConfig) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"run.device={cfg.run.device} but this torch build or machine has no CUDA device; use "
+                         f"run.device=cpu or auto.")
     return torch.device(cfg.run.device)
 
 
@@ -231,28 +240,51 @@ def _protocol(cfg: DictConfig) -> str:
             f"{i.solver} lr {i.lr} x {i.steps} steps (test: lr {i.test_lr or i.lr} x {i.test_steps})")
 
 
+def run_dir_of(cfg: DictConfig) -> Path:
+    """``run.dir``, else ``runs/omniglot/<run.name>``."""
+    return Path(cfg.run.dir or Path("runs") / "omniglot" / cfg.run.name)
+
+
 def main(cfg: DictConfig, data=None) -> dict:
-    """Train (or resume), validate, test; returns the results dict written to ``results.json``."""
+    """Train (or resume), validate, test; returns the results dict written to ``results.json``.
+
+    Before any work, the main process claims the run folder (:class:`~tasks.omniglot.run_folder.RunFolder`): a
+    folder holding a run is refused unless ``run.resume`` or ``run.overwrite``, and ``run.lock`` is held until the
+    run ends, however it ends.
+    """
+    _device(cfg)   # an unavailable device is an error before any work
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _main(cfg, data)
+    folder = RunFolder(run_dir_of(cfg), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    try:
+        return _main(cfg, data)
+    finally:
+        folder.release()
+
+
+def _main(cfg: DictConfig, data=None) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     ctx = dist.setup(cfg)
     work = build(cfg, data)
-    run_dir = Path(cfg.run.dir or Path("runs") / "omniglot" / cfg.run.name)
+    run_dir = run_dir_of(cfg)
     ckpt_path = run_dir / "checkpoint.pt"
     work.model.to(work.device)
     hparams = work.model.init_params()
+    initial_norm = weights_norm(hparams)   # the seed's initialisation, also on resume: for the explosion check
     opt = make_optimizer(cfg, hparams)
     history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": [],
-               "val_time": [], "val_cpu": []}
+               "val_time": [], "val_cpu": [], "skipped": [], "divergence": []}
     start, elapsed, cpu, wandb_id = 0, 0.0, 0.0, None
     if cfg.run.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False, map_location=work.device)
+        state = load_checkpoint(ckpt_path, map_location=work.device)
         saved = OmegaConf.merge(OmegaConf.structured(OmniglotConfig), state["config"])  # new keys: defaults
         check_model(saved, cfg, ckpt_path)
         for key in ("task", "method", "inner", "data"):
             if OmegaConf.to_container(saved[key]) != OmegaConf.to_container(cfg[key]):
                 raise ValueError(f"--resume: the config's {key!r} section differs from the checkpoint's at "
                                  f"{ckpt_path}; resume with the same settings or use another run.dir.")
+        check_resume(saved, cfg, state["step"], ckpt_path)
         with torch.no_grad():
             for k, v in state["hparams"].items():
                 hparams[k].copy_(v)
@@ -262,6 +294,8 @@ def main(cfg: DictConfig, data=None) -> dict:
         for key in ("val_time", "val_cpu"):      # checkpoints from before these curves
             history.setdefault(key, [float("nan")] * len(history["val_step"]))
         history.setdefault("unconverged", [0.0] * len(history["step"]))  # checkpoints from before this metric
+        history.setdefault("skipped", [])
+        history.setdefault("divergence", [])
     elif cfg.run.resume and ctx.is_main:
         print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
 
@@ -297,9 +331,12 @@ def main(cfg: DictConfig, data=None) -> dict:
             for k, v in hparams.items():
                 v.grad = grad[k]
             opt.step()
+        else:
+            history["skipped"].append(step + 1)
         history["step"].append(step + 1)
         for name in ("loss", "acc", "unconverged"):
             history[name].append(metrics[name])
+        check_step(cfg, history, hparams, initial_norm, ckpt_path)   # before anything is validated or saved
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}", refresh=False)
         log = {f"train/{k}": v for k, v in metrics.items()} | {"meta_lr": meta_lr(cfg, step)}
@@ -344,6 +381,7 @@ def main(cfg: DictConfig, data=None) -> dict:
             "train_wall_time_s": round(elapsed, 1),
             "adjoint_unconverged_fraction": (sum(history["unconverged"]) / len(history["unconverged"])
                                              if history["unconverged"] else 0.0),
+            "skipped_steps": history["skipped"], "divergence": history["divergence"],
             "final_val": ({"step": history["val_step"][-1], "accuracy": history["val_acc"][-1],
                            "ci95": history["val_ci"][-1]} if history["val_step"] else None),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -361,6 +399,10 @@ def main(cfg: DictConfig, data=None) -> dict:
         print(f"{cfg.run.name}: test accuracy {100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % "
               f"(95% CI, {test['tasks']} tasks; {cfg.meta.steps} meta-steps, {elapsed / 60:.1f} min training) "
               f"-> {run_dir / 'results.json'}")
+        if history["skipped"] or history["divergence"]:
+            print(f"{cfg.run.name}: {len(history['skipped'])} of {reached} meta-steps skipped for a non-finite "
+                  f"hypergradient; signs of divergence: {[d['message'] for d in history['divergence']] or 'none'} "
+                  f"(both in results.json)", file=sys.stderr)
         if wandb_run is not None:
             wandb_run.summary.update({"test/acc": test["accuracy"], "test/ci95": test["ci95"]})
             wandb_run.finish()
@@ -369,7 +411,7 @@ def main(cfg: DictConfig, data=None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> dict:
-    """Parse ``[--config NAME] [--resume] key=value ...`` and run :func:`main`."""
+    """Parse ``[--config NAME] [--resume | --overwrite] key=value ...`` and run :func:`main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name, overrides = "demo", []
     while argv:
@@ -379,6 +421,8 @@ def cli(argv: list[str] | None = None) -> dict:
             return {}
         if arg == "--resume":
             overrides.append("run.resume=true")
+        elif arg == "--overwrite":
+            overrides.append("run.overwrite=true")
         elif arg == "--config":
             if not argv:
                 raise SystemExit("--config needs a name, e.g. --config maml_5w1s")
@@ -388,11 +432,18 @@ def cli(argv: list[str] | None = None) -> dict:
         elif arg.startswith("config="):
             name = arg.split("=", 1)[1]
         elif arg.startswith("--"):
-            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume and key=value overrides.")
+            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite and key=value "
+                             f"overrides.")
         else:
             overrides.append(arg)
     try:
         cfg = load_config(name, overrides)
     except (ValueError, FileNotFoundError) as err:   # a bad command line: the message, not a traceback
         raise SystemExit(f"error: {err}") from None
-    return main(cfg)
+    try:
+        return main(cfg)
+    except (ValueError, OSError, DivergenceError, bl.NonFiniteError) as err:
+        # Bad inputs (data, split, device), a refused run folder, divergence: one line, unless asked for more.
+        if os.environ.get("BILEVEL_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
