@@ -198,7 +198,7 @@ def run(cfg: Config) -> dict:
     weights = {}
     for name in cfg.methods:
         if name in results["methods"]:
-            weights[name] = torch.load(out_dir / f"weights_{name}.pt")
+            weights[name] = torch.load(out_dir / f"weights_{name}.pt", weights_only=True)
             continue
         logit, history, seconds = run_method(name, cfg, problem, L, train, val, is_corrupted, wandb_run)
         params, info = fit(problem, logit, train, cfg.retrain_steps)

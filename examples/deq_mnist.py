@@ -165,7 +165,7 @@ def run(cfg: Config) -> dict:
     history, start = [], 0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # resume an interrupted run
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)   # tensors and plain containers only: no code from a file
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt} was written with a different config; delete it or use another out_dir.")
         model.load_state_dict(state["model"])
