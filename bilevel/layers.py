@@ -22,7 +22,7 @@ backward pass is chosen with ``backward=``:
 - ``"unrolled"``: run the forward solver under autograd and backpropagate through its iterations: the gradient
   of the *finite computation* (exact for it whether or not it converged), with memory growing with the steps.
 
-The layers are ``torch.autograd.Function``\ s with ``setup_context`` and ``generate_vmap_rule=True``, so they
+The layers are ``torch.autograd.Function`` subclasses with ``setup_context`` and ``generate_vmap_rule=True``, so they
 also run under ``torch.func.vmap`` (one problem per batch entry; the solvers' masked early stop keeps them
 vmap-safe) and ``torch.func.grad``. Double backward (``create_graph=True``) is correct when the backward linear
 solve is exact (``Dense``, or an iterative solver run to convergence): the saved solution is the layer's own
@@ -37,7 +37,7 @@ on tensors is possible, so the policy is skipped there: pass ``return_info=True`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -49,10 +49,12 @@ from .implicit import root_vjp
 from .linear_solve import CG, GMRES, Neumann
 from .ode import ODEInfo, odeint
 from .qp import InfeasibleError, UnboundedError, qp
-from .root_find import Anderson, Newton, Record, _under_vmap, check_solve, fixed_point_residual
+from .root_find import (Anderson, ConditioningWarning, Newton, Record, _Probe, _under_vmap, _warn_derivative,
+                        _warn_loose_forward, check_solve, fixed_point_residual)
 from .types import SolveInfo
 
-__all__ = ["fixed_point", "root", "argmin", "odeint", "ODEInfo", "qp", "InfeasibleError", "UnboundedError", "Record"]
+__all__ = ["fixed_point", "root", "argmin", "odeint", "ODEInfo", "qp", "InfeasibleError", "UnboundedError", "Record",
+           "ConditioningWarning"]
 
 Backward = Union[str, Callable]
 
@@ -71,6 +73,7 @@ class _Spec:
     constants: tuple  # the non-tensor leaves of args, in order (None at tensor slots)
     on_nonconvergence: str
     on_nonfinite: str
+    record: Optional[Record] = None
 
     def args(self, tensors) -> list:
         it = iter(tensors)
@@ -113,13 +116,19 @@ class _ImplicitSolve(torch.autograd.Function):
             return {"z": spec.residual_fn(params["z"], *spec.args(full))}
 
         hparams = {str(i): tensors[i] for i in wanted}
-        grads, info, _ = root_vjp(Condition(condition, spec.symmetric, spec.name), {"z": z}, hparams, None,
-                                  {"z": z_bar}, spec.backward)
+        probe = _Probe(spec.backward)
+        grads, info, residual = root_vjp(Condition(condition, spec.symmetric, spec.name), {"z": z}, hparams, None,
+                                         {"z": z_bar}, probe)
+        if spec.record is not None:
+            spec.record.backward = info
         if not _under_vmap():
             tol = getattr(spec.backward, "tol", None)
-            check_solve(info, f"{spec.name} backward ({type(spec.backward).__name__})", tol,
-                        "Raise the linear solver's steps, or check that ∂F/∂z is invertible at the solution (for "
-                        "a fixed point: that f is contractive there).", spec.on_nonconvergence, spec.on_nonfinite)
+            what = f"{spec.name} backward ({type(spec.backward).__name__})"
+            check_solve(info, what, tol, "Raise the linear solver's steps, or check that ∂F/∂z is invertible at the "
+                        "solution (for a fixed point: that f is contractive there).", spec.on_nonconvergence,
+                        spec.on_nonfinite)
+            _warn_derivative(what, probe, float(torch.linalg.vector_norm(residual["z"].detach())),
+                             float(torch.linalg.vector_norm(z.detach())), z.dtype)
         out = [None] * len(tensors)
         for key, value in grads.items():
             out[int(key)] = value
@@ -127,7 +136,7 @@ class _ImplicitSolve(torch.autograd.Function):
 
 
 def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: tuple, solver, backward: Backward,
-           on_nonconvergence: str, on_nonfinite: str, return_info: bool):
+           on_nonconvergence: str, on_nonfinite: str, return_info: bool, record: Optional[Record] = None):
     if not isinstance(z0, Tensor) or not z0.is_floating_point():
         raise TypeError(f"{name}: z0 must be a floating-point Tensor (the starting point, shaped like the "
                         f"solution), got {type(z0).__name__ if not isinstance(z0, Tensor) else z0.dtype}.")
@@ -158,13 +167,20 @@ def _solve(name: str, residual_fn: Callable, symmetric: bool, z0: Tensor, args: 
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         constants = tuple(_TENSOR if isinstance(x, Tensor) else x for x in leaves)
         spec = _Spec(name, residual_fn, symmetric, solver, backward, treedef, constants, on_nonconvergence,
-                     on_nonfinite)
+                     on_nonfinite, record)
         # z0 only starts the search: the solution does not depend on it, so it gets no gradient
         z, *fields = _ImplicitSolve.apply(spec, z0.detach(), *tensors)
         info = SolveInfo(*fields, torch.zeros_like(fields[-1]))
+    if record is not None:
+        record.forward = info
     if not _under_vmap():
-        check_solve(info, f"{name} ({type(solver).__name__})", getattr(solver, "tol", None), hint,
-                    on_nonconvergence, on_nonfinite)
+        what = f"{name} ({type(solver).__name__})"
+        ok = check_solve(info, what, getattr(solver, "tol", None), hint, on_nonconvergence, on_nonfinite)
+        exact = backward != "unrolled" and not (isinstance(backward, Neumann) and backward.steps == 0)
+        if ok and exact and torch.is_grad_enabled() and any(x.requires_grad for x in tree_flatten(args)[0]
+                                                             if isinstance(x, Tensor)):
+            _warn_loose_forward(what, float(info.residual), float(torch.linalg.vector_norm(z.detach())),
+                                getattr(backward, "tol", None), z.dtype)
     return (z, info) if return_info else z
 
 
@@ -189,7 +205,8 @@ def _check_like(name: str, what: str, out, z0: Tensor):
 
 
 def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward = None,
-                on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False):
+                on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False,
+                record: Optional[Record] = None):
     r"""The fixed point ``z* = f(z*, *args)``, differentiable in ``args``.
 
     Differentiated equation: ``F(z, args) = z − f(z, args) = 0``, so ``∂F/∂z = I − ∂f/∂z`` (invertible when
@@ -209,6 +226,8 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
             (outside vmap).
         on_nonfinite: the same choice for NaN or inf in either solve.
         return_info: also return the forward solve's ``SolveInfo``.
+        record: a ``Record``; after the backward pass ``record.backward`` holds the adjoint linear solve's
+            ``SolveInfo`` (``record.forward`` the forward one).
 
     Returns:
         ``z*`` (and its ``SolveInfo`` if ``return_info``).
@@ -230,11 +249,12 @@ def fixed_point(f: Callable, z0: Tensor, *args, solver=None, backward: Backward 
         with torch.no_grad():
             _check_like("fixed_point(f, z0, *args)", "f(z0, *args)", f(z0, *args), z0)
     return _solve("fixed_point", fixed_point_residual(f), False, z0, args, solver, backward, on_nonconvergence,
-                  on_nonfinite, return_info)
+                  on_nonfinite, return_info, record)
 
 
 def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None, symmetric: bool = False,
-         on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False):
+         on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False,
+         record: Optional[Record] = None):
     r"""The root ``z*`` of ``fn(z*, *args) = 0``, differentiable in ``args``.
 
     Differentiated equation: ``F(z, args) = fn(z, args) = 0``; ``∂F/∂z`` must be square and invertible at
@@ -267,11 +287,13 @@ def root(fn: Callable, z0: Tensor, *args, solver=None, backward: Backward = None
     if isinstance(z0, Tensor):
         with torch.no_grad():
             _check_like("root(fn, z0, *args)", "fn(z0, *args)", fn(z0, *args), z0)
-    return _solve("root", fn, symmetric, z0, args, solver, backward, on_nonconvergence, on_nonfinite, return_info)
+    return _solve("root", fn, symmetric, z0, args, solver, backward, on_nonconvergence, on_nonfinite, return_info,
+                  record)
 
 
 def argmin(objective: Callable, z0: Tensor, *args, solver=None, backward: Backward = None,
-           on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False):
+           on_nonconvergence: str = "warn", on_nonfinite: str = "raise", return_info: bool = False,
+           record: Optional[Record] = None):
     r"""``z* = argmin_z objective(z, *args)``, differentiable in ``args``.
 
     Differentiated equation: the stationarity condition ``F(z, args) = ∇_z objective(z, args) = 0``, whose
@@ -310,4 +332,4 @@ def argmin(objective: Callable, z0: Tensor, *args, solver=None, backward: Backwa
             raise ValueError(f"argmin(objective, z0, *args): objective(z0, *args) must return a scalar tensor, got "
                              f"{got}; reduce it (e.g. .sum()).")
     return _solve("argmin", torch.func.grad(objective), True, z0, args, solver, backward, on_nonconvergence,
-                  on_nonfinite, return_info)
+                  on_nonfinite, return_info, record)

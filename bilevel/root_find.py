@@ -21,12 +21,14 @@ All solvers run a fixed budget of ``steps`` iterations with a masked early stop 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from . import tree
 from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
 from .inner import _under_vmap
 from .linear_solve import _NONNEG, _STEPS, GMRES, LinearOperator, _check
@@ -47,6 +49,69 @@ def _all_true(mask: Tensor) -> bool:
     while torch._C._functorch.is_functorch_wrapped_tensor(mask):
         mask = torch._C._functorch.get_unwrapped(mask)
     return bool(mask.all())
+
+
+class ConditioningWarning(UserWarning):
+    """The derivative of a solution is unreliable: ``∂F/∂z`` is nearly singular there, or the forward solve is too
+    loose for the accuracy the backward solve is asked for."""
+
+
+class _Probe:
+    """Wraps a linear solver for the adjoint system ``Aᵀu = −z̄`` and measures, outside ``vmap``, the amplification
+    ``||u|| / ||z̄||`` (a lower bound on ``||A⁻¹||``) and ``||A||`` by ``power_steps`` power iterations with
+    ``Aᵀ`` (a lower bound too): their product is a lower bound on the condition number of ``A``."""
+
+    def __init__(self, solver: Callable, power_steps: int = 3):
+        self.solver, self.power_steps = solver, power_steps
+        self.amplification = self.norm = None
+
+    def __call__(self, operator: LinearOperator, b):
+        x, info = self.solver(operator, b)
+        if not _under_vmap():
+            with torch.no_grad():
+                bnorm = tree.norm(b)
+                if float(bnorm) > 0:
+                    self.amplification = float(tree.norm(x) / bnorm)
+                    v, norm = tree.scale(1 / bnorm, b), 0.0
+                    for _ in range(self.power_steps):
+                        w = operator.mv(v)
+                        norm = float(tree.norm(w))
+                        if not norm > 0:
+                            break
+                        v = tree.scale(1 / norm, w)
+                    self.norm = norm
+        return x, info
+
+
+def _warn_derivative(what: str, probe: _Probe, forward_residual: float, z_norm: float, dtype: torch.dtype):
+    """Warn when the implicit derivative cannot be trusted (outside ``vmap``; messages are rounded to an order of
+    magnitude so that Python's warning filter shows each cause once)."""
+    if probe.amplification is None or probe.norm is None:
+        return
+    eps = torch.finfo(dtype).eps
+    cond = probe.amplification * probe.norm
+    shift = probe.amplification * forward_residual
+    if cond * eps > 1e-2:
+        warnings.warn(f"{what}: check that the solution is isolated (∂F/∂z is nearly singular there, condition "
+                      f"number >= {cond:.0e}): the derivative has lost most of its digits.", ConditioningWarning,
+                      stacklevel=3)
+    elif shift > 1e-3 * max(z_norm, eps ** 0.5):  # the solution is uncertain by more than 0.1% of its size
+        warnings.warn(f"{what}: tighten the forward solve's tol: its residual {forward_residual:.0e} can move the "
+                      f"solution by {shift:.0e} (||(∂F/∂z)⁻¹|| >= {probe.amplification:.0e}), so the derivative is "
+                      f"unreliable.", ConditioningWarning, stacklevel=3)
+
+
+def _warn_loose_forward(what: str, residual: float, z_norm: float, backward_tol: Optional[float],
+                        dtype: torch.dtype):
+    """Warn when the forward residual (relative to ``max(||z||, 1)``) is much larger than the backward solve's
+    tolerance: the implicit derivative assumes ``F(z*) = 0``, so the strict backward solve buys nothing."""
+    eps = torch.finfo(dtype).eps
+    tol = eps ** 0.5 if backward_tol is None else max(backward_tol, eps)
+    relative = residual / max(z_norm, 1.0)
+    if relative > 1e3 * tol and relative > 100 * eps ** 0.5:
+        warnings.warn(f"{what}: tighten the forward solve's tol: its residual ({relative:.0e} relative) is far looser "
+                      f"than the backward tol {tol:.0e}, and the implicit derivative assumes F(z*) = 0.",
+                      ConditioningWarning, stacklevel=4)
 
 
 class Record:
@@ -232,34 +297,59 @@ class Anderson(_RootSolver):
 
 @dataclass(frozen=True)
 class Newton(_RootSolver):
-    """Newton's method ``z ← z − β J⁻¹ F(z)`` with the dense Jacobian ``J = ∂F/∂z`` (n×n, by forward mode).
+    """Newton's method ``z ← z − t J⁻¹ F(z)`` with the dense Jacobian ``J = ∂F/∂z`` (n×n, by forward mode) and a
+    backtracking (Armijo) line search on the merit ``½||F||²``.
 
-    Quadratic convergence near a root with invertible ``J``; each step costs ``n`` JVPs and an n×n solve, so use it
-    for small systems (or per example under ``vmap``) and ``NewtonKrylov`` otherwise. A singular ``J`` gives a
-    non-finite step, reported as ``info.nonfinite``.
+    The step ``t`` starts at ``damping`` and is halved until ``||F(z − t J⁻¹F)||² <= (1 − 2c·t) ||F(z)||²`` (the
+    Armijo condition with ``c = 1e-4``: along the Newton direction the merit's slope is ``−||F||²``), at most
+    ``backtracks`` times; if no trial passes, the one with the smallest ``||F||`` is taken. Near a root the full
+    step passes and convergence is quadratic; far from it the search stops the overshoot of plain Newton (e.g.
+    ``arctan(z) = 0`` from ``|z0| > 1.39`` diverges without it). Each step costs ``n`` JVPs, an n×n solve and
+    1 to ``backtracks + 1`` evaluations of ``F``; under ``vmap`` the trials stop once every problem has accepted
+    one. A singular ``J`` gives a non-finite step, reported as ``info.nonfinite``.
 
     Args:
         steps: maximum Newton steps.
         tol: stop once ``||F(z)|| <= tol``.
-        damping: β in (0, 1]; a damped step for far-away starts.
+        damping: the first trial step in (0, 1].
         jacobian: ``"fwd"`` (``torch.func.jacfwd``) or ``"rev"`` (``jacrev``, for ops without forward-mode AD).
+        backtracks: the most halvings per step; ``0`` is plain (damped) Newton without a line search.
     """
 
     steps: int = 20
     damping: float = 1.0
     jacobian: str = "fwd"
+    backtracks: int = 10
 
     def __post_init__(self):
         super().__post_init__()
         _check("Newton", damping=(self.damping, *_POS),
-                    jacobian=(self.jacobian, lambda v: v in ("fwd", "rev"), '"fwd" or "rev"'))
+                    jacobian=(self.jacobian, lambda v: v in ("fwd", "rev"), '"fwd" or "rev"'),
+                    backtracks=(self.backtracks, *_STEPS))
 
     def step(self, F, z, r, state, k):
         jac = (torch.func.jacfwd if self.jacobian == "fwd" else torch.func.jacrev)(F)(z)
         n = z.numel()
-        dz = torch.linalg.solve_ex(jac.reshape(n, n), r.reshape(n, 1))[0]
-        z_new = z - self.damping * dz.reshape(z.shape)
-        return z_new, F(z_new), state
+        dz = torch.linalg.solve_ex(jac.reshape(n, n), r.reshape(n, 1))[0].reshape(z.shape)
+        merit = torch.linalg.vector_norm(r) ** 2
+        t = self.damping
+        best_z = z - t * dz
+        best_r = F(best_z)
+        best = torch.linalg.vector_norm(best_r) ** 2
+        accepted = best <= (1 - 2e-4 * t) * merit
+        for _ in range(self.backtracks):
+            if _all_true(accepted | ~torch.isfinite(merit)):
+                break
+            t = t / 2
+            z_try = z - t * dz
+            r_try = F(z_try)
+            value = torch.linalg.vector_norm(r_try) ** 2
+            # the first trial that passes wins; until one does, keep the smallest merit (NaN never wins)
+            take = ~accepted & ((value <= (1 - 2e-4 * t) * merit) | (value < best) | ~torch.isfinite(best))
+            best_z, best_r = torch.where(take, z_try, best_z), torch.where(take, r_try, best_r)
+            best = torch.where(take, value, best)
+            accepted = accepted | (value <= (1 - 2e-4 * t) * merit)
+        return best_z, best_r, state
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, vmap
 
 from bilevel.diagnostics import NonConvergenceError, NonConvergenceWarning, NonFiniteError
-from bilevel.layers import argmin, fixed_point, root
+from bilevel.layers import ConditioningWarning, Record, argmin, fixed_point, root
 from bilevel.linear_solve import CG, GMRES, Dense, NormalCG, fixed_point_iteration
 from bilevel.root_find import Anderson, Broyden, Newton, Picard
 
@@ -259,9 +259,11 @@ def test_docstring_examples_run():
     import doctest
 
     import bilevel.layers
+    import bilevel.ode
+    import bilevel.qp
     import bilevel.root_find
 
-    for module, examples in ((bilevel.layers, 3), (bilevel.root_find, 1)):
+    for module, examples in ((bilevel.layers, 3), (bilevel.root_find, 2), (bilevel.ode, 1), (bilevel.qp, 1)):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted >= examples and result.failed == 0, module.__name__
 
@@ -321,3 +323,42 @@ def test_examples_run_on_tiny_settings(tmp_path):
     for result in out["methods"].values():
         assert result["corrupted"] == 100 and 0 <= result["corrupted_low_weight"] <= 100
         assert len(result["history"]) == 2
+
+
+def test_record_holds_the_forward_and_backward_solve_info():
+    x, W = make()
+    rec = Record()
+    z = fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=100, tol=1e-12), record=rec)
+    assert rec.forward is not None and rec.backward is None
+    z.sum().backward()
+    assert bool(rec.forward.converged) and bool(rec.backward.converged) and int(rec.backward.steps) > 0
+
+
+def test_a_degenerate_root_warns_that_its_derivative_is_unreliable():
+    # z² = a at a = 0: Newton converges only linearly, stops at z ≈ 6e-5 and dz/da = 1/(2z) ≈ 8e3, while the true
+    # derivative is unbounded; the warning says so
+    a = torch.tensor([0.0], dtype=DT, requires_grad=True)
+    z = root(lambda z, a: z ** 2 - a, torch.ones(1, dtype=DT), a)
+    with pytest.warns(ConditioningWarning, match="tighten the forward"):
+        z.sum().backward()
+    # a nearly singular linear system, solved exactly: the condition number is what is reported
+    A = torch.diag(torch.tensor([1.0, 1e-15], dtype=DT))
+    c = torch.ones(2, dtype=DT, requires_grad=True)
+    z = root(lambda z, c: A @ z - c, torch.zeros(2, dtype=DT), c, backward=Dense())
+    with pytest.warns(ConditioningWarning, match="nearly singular"):
+        z.sum().backward()
+
+
+def test_a_coarse_forward_with_a_strict_backward_warns():
+    x, W = make()
+    with pytest.warns(ConditioningWarning, match="far looser"):
+        z = fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=50, tol=1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConditioningWarning)
+        z.sum().backward()
+    # no warning when nothing asks for a derivative, or the forward is tight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=50, tol=1e-2))
+        fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=100, tol=1e-12)).sum().backward()

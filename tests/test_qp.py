@@ -36,7 +36,7 @@ def test_solution_and_gradients_equal_cvxpylayers(seed):
     cp = pytest.importorskip("cvxpy")
     CvxpyLayer = pytest.importorskip("cvxpylayers.torch").CvxpyLayer
     L, q, G, h, A, b = data = random_qp(seed=seed)
-    n, m, p = q.shape[0], h.shape[0], b.shape[0]
+    n = q.shape[0]
     Lp, qp_, Gp, hp, Ap, bp = (cp.Parameter(x.shape) for x in data)
     x = cp.Variable(n)
     # Q enters through L (Q = LᵀL + 0.1 I) so that the problem is DPP, as cvxpylayers requires

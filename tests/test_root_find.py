@@ -148,3 +148,20 @@ def test_check_solve_applies_the_policy(deq):
         check_solve(nan, "Picard")
     with pytest.raises(ValueError, match="on_nonfinite='quiet'"):
         check_solve(nan, "Picard", on_nonfinite="quiet")
+
+
+def test_newton_line_search_converges_where_plain_newton_overshoots():
+    # arctan(z) = 0 from z0 = 1.5: each full Newton step overshoots further (|z| grows), the Armijo search does not
+    z0 = torch.tensor([1.5], dtype=DT)
+    z, info = Newton(steps=30, tol=1e-12, backtracks=0)(torch.atan, z0)
+    assert not bool(info.converged)
+    z, info = Newton(steps=30, tol=1e-12)(torch.atan, z0)
+    assert bool(info.converged) and abs(float(z)) < 1e-12
+    # near a root the full step passes: quadratic convergence is kept (as many steps as without the search)
+    near = torch.tensor([0.3], dtype=DT)
+    assert int(Newton(steps=30, tol=1e-12)(torch.atan, near)[1].steps) == \
+        int(Newton(steps=30, tol=1e-12, backtracks=0)(torch.atan, near)[1].steps)
+    # one step size per problem under vmap, and the trials stop once every problem has accepted one
+    zs, infos = vmap(lambda z0: Newton(steps=30, tol=1e-12)(torch.atan, z0))(torch.tensor([[1.5], [0.1], [10.0]],
+                                                                                           dtype=DT))
+    assert bool(infos.converged.all()) and float(zs.abs().max()) < 1e-12
