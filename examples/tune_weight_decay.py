@@ -1,12 +1,17 @@
 """Tune weight decay by hypergradient descent, against grid and random search on the same task.
 
-    python examples/tune_weight_decay.py configs/weight_decay/digits_scalar.yaml
-    python examples/tune_weight_decay.py configs/weight_decay/digits_noise_feature.yaml data.seed=1 outer.method=neumann
+    python examples/tune_weight_decay.py data.name=iris
+    python examples/tune_weight_decay.py data.name=breast_cancer outer.method=neumann
+    python examples/tune_weight_decay.py data.name=my_table.csv data.target=label data.task=multiclass
+    python examples/tune_weight_decay.py configs/weight_decay/digits_noise_feature.yaml data.seed=1 --overwrite
 
-Arguments are YAML files (merged in order) and ``key=value`` overrides of the schema in
-``tasks/weight_decay/config.py``; unknown keys are errors. MNIST / Fashion-MNIST are read from ``data.root`` or the
-``BILEVEL_DATA`` environment variable. Writes ``results.json``, ``history.png`` and ``landscape.png`` to ``out_dir``;
-wandb runs offline unless ``wandb.mode=online``.
+Data: any scikit-learn loader by name (``iris``, ``wine``, ``breast_cancer``, ``diabetes``, ``digits``), a CSV or
+NPZ file (``data.target`` names the target column; ``data.task`` = auto | regression | binary | multiclass), or
+``mnist`` / ``fashion-mnist`` (read from ``data.root`` or ``$BILEVEL_DATA``). Arguments are YAML files (merged in
+order) and ``key=value`` overrides of the schema in ``tasks/weight_decay/config.py``; unknown keys are errors.
+Writes ``results.json``, ``history.png`` and ``landscape.png`` to ``out_dir`` (default
+``runs/weight_decay/<data set>``); a folder holding a finished run is refused unless ``--overwrite``. wandb runs
+offline unless ``wandb.mode=online``.
 """
 
 import sys
@@ -14,18 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tasks.weight_decay.config import load_config
-from tasks.weight_decay.experiment import run, summary
-
-
-def main(argv):
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    cfg = load_config(files, overrides)
-    results = run(cfg)
-    print(summary(results))
-    print(f"results in {cfg.out_dir}/")
-
+from tasks.weight_decay.experiment import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -1,5 +1,5 @@
-"""Real data sets shared by the workloads: MNIST and Fashion-MNIST from their official IDX gz files, plus the small
-data sets bundled with scikit-learn (``diabetes``, ``digits``).
+"""Real data sets shared by the workloads: MNIST and Fashion-MNIST from their official IDX gz files, the data sets
+bundled with scikit-learn (``iris``, ``wine``, ``breast_cancer``, ``diabetes``, ``digits``, ...), and CSV / NPZ files.
 
 Folder layout: ``<root>/<name>/<official file name>``, e.g. ``/work/shared/data/mnist/train-images-idx3-ubyte.gz``.
 ``root`` comes from the caller or from the ``BILEVEL_DATA`` environment variable; nothing here hard-codes a path.
@@ -28,7 +28,9 @@ __all__ = [
     "download_idx_dataset",
     "load_idx_dataset",
     "load_sklearn_dataset",
+    "load_table",
     "read_idx",
+    "sklearn_loaders",
 ]
 
 ENV_VAR = "BILEVEL_DATA"
@@ -220,19 +222,126 @@ def download_idx_dataset(name: str, root: str | os.PathLike | None = None) -> Pa
     return folder
 
 
-def load_sklearn_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A data set bundled with scikit-learn (no download): ``"diabetes"`` (442 x 10, real-valued target) or
-    ``"digits"`` (1797 x 64 pixels in 0..16, labels 0..9).
+def sklearn_loaders() -> list[str]:
+    """Names of scikit-learn's bundled tabular data sets: every ``sklearn.datasets.load_<name>`` that returns
+    ``(X, y)`` (``breast_cancer``, ``diabetes``, ``digits``, ``iris``, ``linnerud``, ``wine``); none needs a download."""
+    import inspect
 
-    Returns:
-        ``(X, y)``: X float64 ``[N, D]``; y float64 ``[N]`` for diabetes, int64 ``[N]`` for digits.
-    """
     from sklearn import datasets  # scikit-learn is a task dependency, not a library one
 
-    if name == "diabetes":
-        X, y = datasets.load_diabetes(return_X_y=True)
-        return torch.from_numpy(X.astype(np.float64)), torch.from_numpy(y.astype(np.float64))
-    if name == "digits":
-        X, y = datasets.load_digits(return_X_y=True)
-        return torch.from_numpy(X.astype(np.float64)), torch.from_numpy(y.astype(np.int64))
-    raise ValueError(f"Unknown scikit-learn data set {name!r}: choose 'diabetes' or 'digits'.")
+    return sorted(name[len("load_"):] for name in dir(datasets) if name.startswith("load_")
+                  and "return_X_y" in inspect.signature(getattr(datasets, name)).parameters)
+
+
+def load_sklearn_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scikit-learn data set by name: ``load_<name>`` (bundled, no download) or ``fetch_<name>`` when its copy is
+    already in scikit-learn's cache (``~/scikit_learn_data``; never downloaded here).
+
+    Returns:
+        ``(X, y)``: X float64 ``[N, D]``; y as scikit-learn gives it (float64 for a real-valued target, int64 for
+        integer labels), ``[N]``.
+
+    Raises:
+        ValueError: no such loader, or a target that is not one column (e.g. ``linnerud``'s three).
+        FileNotFoundError: a ``fetch_`` data set that is not in the local cache.
+    """
+    from sklearn import datasets
+
+    if hasattr(datasets, f"load_{name}") and name in sklearn_loaders():
+        X, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    elif hasattr(datasets, f"fetch_{name}"):
+        try:
+            X, y = getattr(datasets, f"fetch_{name}")(return_X_y=True, download_if_missing=False)
+        except (OSError, TypeError) as err:
+            raise FileNotFoundError(
+                f"scikit-learn's fetch_{name} needs a download, which is not done here ({err}); run "
+                f"sklearn.datasets.fetch_{name}() once on a machine with internet access (it caches the data), or save "
+                f"it as a CSV / NPZ file and set data.name to its path.") from None
+    else:
+        raise ValueError(f"Unknown scikit-learn data set {name!r}: choose one of {sklearn_loaders()}, or a CSV / NPZ "
+                         f"file path.")
+    X, y = np.asarray(X), np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"scikit-learn data set {name!r} has a target of shape {y.shape[1:]} per example; one "
+                         f"target column is needed (save the column you want as a CSV and set data.target).")
+    y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float64)
+    return torch.from_numpy(X.astype(np.float64)), torch.from_numpy(y)
+
+
+def load_table(path: str | os.PathLike, target: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Features and target from a CSV or NPZ file.
+
+    CSV: comma-separated, one example per row; a first row with any non-numeric cell is the header. ``target`` names
+    the target column (a header name or a 0-based index); default: the last column. Every other column is a feature
+    and must be numeric. The target may be numbers or labels (any text).
+
+    NPZ (``numpy.savez``): the features under key ``X`` (``[N, D]``) and the target under ``target`` (default ``y``).
+
+    Returns:
+        ``(X, y)``: X float64 ``[N, D]``; y a numpy array ``[N]`` (numbers, or strings for text labels).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unknown extension, target or key, a non-numeric feature cell (row and column named), rows of
+            different lengths, or an empty table.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} not found.")
+    if path.suffix.lower() == ".npz":
+        key = target or "y"
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("X", key) if k not in archive.files]
+            if missing:
+                raise ValueError(f"{path}: no array {missing} in the NPZ file (it holds {archive.files}); save the "
+                                 f"features as X and the target as y, or set data.target to the target's key.")
+            X, y = archive["X"], archive[key]
+        if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+            raise ValueError(f"{path}: X must be [N, D] and {key} [N]; got {X.shape} and {y.shape}.")
+        if not np.issubdtype(X.dtype, np.number):
+            raise ValueError(f"{path}: X has dtype {X.dtype}; the features must be numbers.")
+        return torch.from_numpy(X.astype(np.float64)), y
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"data file {str(path)!r}: use a .csv or .npz file.")
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path}: the CSV file is empty.")
+
+    def number(cell):
+        try:
+            return float(cell)
+        except ValueError:
+            return None
+
+    header = rows[0] if any(number(c) is None for c in rows[0]) else None
+    body = rows[1:] if header else rows
+    width = len(rows[0])
+    bad = [i + (2 if header else 1) for i, row in enumerate(body) if len(row) != width]
+    if bad or not body or width < 2:
+        raise ValueError(f"{path}: need a header (optional) and rows of the same length >= 2 (a feature and the "
+                         f"target); " + (f"rows {bad[:5]} have a different length." if bad else "found none."))
+    names = [c.strip() for c in header] if header else [str(i) for i in range(width)]
+    if target is None:
+        column = width - 1
+    elif str(target) in names:
+        column = names.index(str(target))
+    elif str(target).lstrip("-").isdigit() and -width <= int(target) < width:
+        column = int(target) % width
+    else:
+        raise ValueError(f"{path}: no target column {target!r}; columns are {names} (or a 0-based index).")
+    features = [j for j in range(width) if j != column]
+    X = np.empty((len(body), len(features)))
+    for i, row in enumerate(body):
+        for out, j in enumerate(features):
+            value = number(row[j])
+            if value is None:
+                raise ValueError(f"{path}: row {i + (2 if header else 1)}, column {names[j]!r} holds {row[j]!r}, not "
+                                 f"a number; every column but the target must be numeric.")
+            X[i, out] = value
+    labels = [row[column].strip() for row in body]
+    numbers = [number(v) for v in labels]
+    y = np.array(numbers, dtype=np.float64) if all(v is not None for v in numbers) else np.array(labels)
+    return torch.from_numpy(X), y

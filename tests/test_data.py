@@ -122,8 +122,10 @@ def test_unknown_name_and_split(tmp_path):
         load_idx_dataset("cifar10", "train", root=tmp_path)
     with pytest.raises(ValueError, match=r"Unknown split 'valid'"):
         load_idx_dataset("mnist", "valid", root=tmp_path)
-    with pytest.raises(ValueError, match=r"Unknown scikit-learn data set 'iris'"):
-        load_sklearn_dataset("iris")
+    with pytest.raises(ValueError, match=r"Unknown scikit-learn data set 'cifar10': choose one of \['breast_cancer'"):
+        load_sklearn_dataset("cifar10")
+    with pytest.raises(ValueError, match=r"'linnerud' has a target of shape \(3,\) per example; one target column"):
+        load_sklearn_dataset("linnerud")
 
 
 def test_sklearn_datasets():
@@ -131,6 +133,8 @@ def test_sklearn_datasets():
     assert X.shape == (442, 10) and X.dtype == torch.float64 and y.shape == (442,)
     X, y = load_sklearn_dataset("digits")
     assert X.shape == (1797, 64) and y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
+    X, y = load_sklearn_dataset("iris")
+    assert X.shape == (150, 4) and y.dtype == torch.int64 and set(y.tolist()) == {0, 1, 2}
 
 
 @needs_data

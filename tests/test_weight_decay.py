@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf.errors import ConfigKeyError
+import numpy as np
 
 import bilevel as bl
+from tasks.config import ConfigError
 from tasks.weight_decay.config import load_config
 from tasks.weight_decay.experiment import run
-from tasks.weight_decay.problems import init_hparams, make_task, ridge_hypergrad, ridge_solution
-from tasks.weight_decay.tuning import (grid_values, hypergradient_descent, make_method, make_solver, search,
-                                       sklearn_reference, solve_inner)
+from tasks.weight_decay.problems import curvature, init_hparams, make_task, ridge_hypergrad, ridge_solution
+from tasks.weight_decay.tuning import (fit_step_size, grid_values, hypergradient_descent, make_method, make_solver,
+                                       search, sklearn_reference, solve_inner)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT / ".." / "shared" / "data"))
@@ -152,24 +153,196 @@ def test_shipped_configs_load(config):
 def test_config_overrides_and_errors():
     cfg = load_config([], ["outer.method=neumann", "data.name=diabetes", "model.kind=ridge"])
     assert cfg.outer.method == "neumann" and cfg.data.name == "diabetes"
-    with pytest.raises(ConfigKeyError):
-        load_config([], ["outer.lerning_rate=0.1"])
-    with pytest.raises(ValueError, match="first-order.*identically zero"):
-        load_config([], ["outer.method=reptile"])
-    with pytest.raises(ValueError, match=r"outer.init_wd=0.0.*> 0"):
-        load_config([], ["outer.init_wd=0.0"])
-    with pytest.raises(ValueError, match=r"outer.init_wd=-1.0"):
-        load_config([], ["outer.init_wd=-1.0"])
-    with pytest.raises(ValueError, match=r"data.name='cifar10' is not one of"):
-        load_config([], ["data.name=cifar10"])
-    with pytest.raises(ValueError, match="outer.method='newton' is not one of"):
-        load_config([], ["outer.method=newton"])
+    assert cfg.out_dir == "runs/weight_decay/diabetes"  # the default folder is named after the data set
+
+
+@pytest.mark.parametrize("override, message", [
+    ("outer.lerning_rate=0.1", r"Key 'lerning_rate' not in 'OuterConfig' \(key outer.lerning_rate\)"),
+    ("outer.steps=many", r"outer.steps"),
+    ("outer.method=reptile", "first-order.*identically zero"),
+    ("outer.method=newton", "outer.method='newton' is not one of"),
+    ("outer.init_wd=0.0", r"outer.init_wd=0.0; must be > 0 \(it is tuned as log λ\)"),
+    ("outer.init_wd=-1.0", r"outer.init_wd=-1.0"),
+    ("data.name=cifar10", r"data.name='cifar10' is not a data set: use a scikit-learn loader name \(breast_cancer"),
+    ("data.task=ordinal", r"data.task='ordinal'; use one of auto, regression, binary, multiclass"),
+    ("search.grid_points=0", r"search.grid_points=0; must be >= 1"),
+    ("search.random_points=-1", r"search.random_points=-1; must be >= 0"),
+    ("search.low=20.0", r"need 0 < search.low < search.high"),
+    ("threads=0", r"threads=0; must be >= 1"),
+    ("inner.lr=-0.1", r"inner.lr=-0.1; must be > 0"),
+    ("inner.momentum=1.0", r"inner.momentum=1.0; must be in \[0, 1\)"),
+    ("outer.hoag_decay=2.0", r"outer.hoag_decay=2.0; must be in \(0, 1\]"),
+    ("data.n_train=0", r"data.n_train=0; must be >= 1"),
+    ("model.kind=mlp", r"set inner.lr for model.kind=mlp"),
+    ("wandb.mode=cloud", r"wandb.mode='cloud'; use one of offline, online, disabled"),
+    ("outer.steps", r"overrides must be key=value"),
+])
+def test_config_errors_are_one_line_before_any_work(override, message, monkeypatch):
+    import tasks.weight_decay.experiment as experiment
+    monkeypatch.setattr(experiment, "make_task", lambda *a, **k: pytest.fail("data loaded before validation"))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config([], [override])
+    assert "\n" not in str(err.value) and str(err.value).startswith("invalid config")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config file '.*nope.yaml' not found"):
+        load_config([tmp_path / "nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {name: iris\nouter: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error in .*bad.yaml at line \d+"):
+        load_config([bad])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("outer: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"invalid config from .*typo.yaml: Key 'stpes' not in 'OuterConfig'"):
+        load_config([typo])
+    with pytest.raises(FileNotFoundError, match=r"data.name='.*missing.csv': no such file"):
+        load_config([], [f"data.name={tmp_path / 'missing.csv'}"])
+    with pytest.raises(FileNotFoundError, match="search.grid_from"):
+        load_config([], [f"search.grid_from={tmp_path / 'results.json'}"])
+
+
+def test_unwritable_out_dir_fails_before_the_search(tmp_path, monkeypatch):
+    import tasks.weight_decay.experiment as experiment
+    monkeypatch.setattr(experiment, "make_task", lambda *a, **k: pytest.fail("work started before the folder check"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = load_config([], [f"out_dir={blocker / 'out'}", "wandb.mode=disabled"])
+    with pytest.raises(ConfigError, match=r"out_dir='.*a_file/out' is not writable"):
+        run(cfg)
+
+
+def test_finished_run_is_kept_unless_overwrite(tmp_path):
+    from tasks.weight_decay.experiment import claim_out_dir
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "history.png").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"already holds a finished run .*--overwrite"):
+        claim_out_dir(tmp_path)
+    assert (tmp_path / "results.json").exists()
+    claim_out_dir(tmp_path, overwrite=True)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "history.png").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files are removed
+    claim_out_dir(tmp_path / "fresh" / "nested")  # created on demand
+
+
+@pytest.mark.parametrize("name, task_type, classes, features", [
+    ("iris", "multiclass", 3, 4), ("wine", "multiclass", 3, 13), ("breast_cancer", "binary", 2, 30),
+    ("digits", "multiclass", 10, 64), ("diabetes", "regression", 0, 10)])
+def test_any_sklearn_loader_by_name(name, task_type, classes, features):
+    task = make_task(name)
+    assert task.task == task_type and len(task.classes) == classes
+    assert task.model == ("ridge" if task_type == "regression" else "logreg")
+    assert task.train[0].shape[1] == features
+    n = sum(len(part[1]) for part in (task.train, task.val, task.test))
+    assert len(task.train[1]) == min(500, int(0.4 * n)) and len(task.val[1]) == min(500, int(0.3 * n))
+    if classes:  # every label is a class index
+        assert int(torch.cat([task.train[1], task.val[1], task.test[1]]).max()) == classes - 1
+
+
+def test_digits_inputs_are_scaled_as_before():
+    # auto scaling picks "max" for non-negative integer pixels: divide by 16 (the training maximum), then centre,
+    # which is what the shipped digits configs were tuned with.
+    from tasks.data import load_sklearn_dataset
+    task = make_task("digits", n_train=500, n_val=500)
+    X, _ = load_sklearn_dataset("digits")
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    train = X[perm[:500]] / 16.0
+    torch.testing.assert_close(task.train[0], train - train.mean(0))
+
+
+def test_csv_and_npz_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 3, generator=g, dtype=torch.float64)
+    names = ["setosa", "versicolor", "virginica"]
+    labels = [names[int(i)] for i in (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()]
+    rows = ["a,b,species,c"] + [f"{x[0]:.6f},{x[1]:.6f},{lab},{x[2]:.6f}" for x, lab in zip(X.tolist(), labels)]
+    csv = tmp_path / "flowers.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    task = make_task(str(csv), target="species")
+    assert task.task == "multiclass" and task.classes == tuple(names) and task.train[0].shape[1] == 3
+    assert task.name == "logreg/flowers/scalar"
+    # Regression: the last column (no header), a continuous target.
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(90, generator=g, dtype=torch.float64)
+    reg = tmp_path / "reg.csv"
+    reg.write_text("\n".join(",".join(f"{v:.8f}" for v in row) for row in torch.cat([X, y[:, None]], 1).tolist()))
+    task = make_task(str(reg))
+    assert task.task == "regression" and task.model == "ridge" and task.train[0].shape == (36, 3)
+    w = ridge_solution(task, init_hparams(task, 1e-6))
+    assert float(task.data_loss({"W": w}, task.test)) < 0.05  # standardised target: the linear signal is found
+    # NPZ with integer labels, forced binary.
+    npz = tmp_path / "pairs.npz"
+    np.savez(npz, X=X.numpy(), y=(X[:, 0] > 0).long().numpy())
+    task = make_task(str(npz), task="binary")
+    assert task.task == "binary" and task.classes == ("0", "1")
+    with pytest.raises(ValueError, match=r"row 3, column 'b' holds 'oops', not a number"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("a,b,y\n1,2,0\n1,oops,1\n")
+        make_task(str(bad))
+    with pytest.raises(ValueError, match=r"no target column 'label'; columns are \['a', 'b', 'species', 'c'\]"):
+        make_task(str(csv), target="label")
+    with pytest.raises(ValueError, match=r"data.task='binary' but the target has 3 distinct values"):
+        make_task(str(csv), target="species", task="binary")
+    with pytest.raises(ValueError, match=r"no array \['y'\] in the NPZ file"):
+        np.savez(tmp_path / "x_only.npz", X=X.numpy())
+        make_task(str(tmp_path / "x_only.npz"))
+
+
+def test_sklearn_mapping_binary():
+    # Two classes: our two-column softmax against scikit-learn's sigmoid at C = 2 / (n λ).
+    task = make_task("breast_cancer", n_train=200, n_val=150)
+    hparams = init_hparams(task, 3e-3)
+    solver = make_solver("gd", lr=None, steps=5000, tol=1e-9)
+    params, info = solve_inner(task, solver, hparams, dict(task.params0))
+    assert bool(info.converged)
+    ref = sklearn_reference(task, hparams)
+    assert ref["val_loss"] == pytest.approx(float(task.data_loss(params, task.val)), rel=1e-6)
+    assert ref["test_loss"] == pytest.approx(float(task.data_loss(params, task.test)), rel=1e-6)
+
+
+def test_automatic_step_size_bounds_the_hessian():
+    task = make_task("iris")
+    L = curvature(task)
+    params = {k: torch.randn_like(v) for k, v in task.params0.items()}
+    flat, unflatten = torch.cat([v.reshape(-1) for v in params.values()]), None
+    shapes = {k: v.shape for k, v in params.items()}
+
+    def loss(vector):
+        out, i = {}, 0
+        for k, shape in shapes.items():
+            out[k] = vector[i:i + math.prod(shape)].reshape(shape)
+            i += math.prod(shape)
+        return task.data_loss(out, task.train)
+
+    top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+    assert top <= L * (1 + 1e-9) and top > 0.2 * L  # a bound, and not a loose one
+    solver = fit_step_size(task, make_solver("gd", None, 10, 1e-6), init_hparams(task, 0.5))
+    assert solver.lr == pytest.approx(1 / (L + 0.5))
+
+
+def test_cli_runs_iris_and_names_errors(tmp_path, capsys):
+    from tasks.weight_decay.experiment import cli
+    args = ["data.name=iris", f"out_dir={tmp_path}", "wandb.mode=disabled", "progress=false", "search.grid_points=3",
+            "search.random_points=0", "search.low=0.01", "search.high=1.0", "outer.steps=2", "outer.init_wd=0.1",
+            "inner.steps=2000", "inner.tol=1e-5"]
+    results = cli(args)
+    assert results["task"] == "logreg/iris/scalar" and results["task_type"] == "multiclass"
+    assert results["sklearn"]["at_grid_best"]["val_loss"] == pytest.approx(results["grid"]["best"]["val_loss"],
+                                                                            rel=1e-3)
+    assert "results in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: invalid config: out_dir=.* already holds a finished run"):
+        cli(args)
+    with pytest.raises(SystemExit, match=r"^error: invalid config: search.grid_points=0; must be >= 1"):
+        cli(args + ["search.grid_points=0"])
+    with pytest.raises(SystemExit, match=r"^error: unknown option '--resume'"):
+        cli(args + ["--resume"])
+    assert cli(args + ["--overwrite"])["task"] == "logreg/iris/scalar"
 
 
 def test_bad_task_inputs(tmp_path, ridge_scalar):
-    with pytest.raises(ValueError, match="Unknown data set 'cifar10'"):
+    with pytest.raises(ValueError, match="data.name='cifar10' is not a data set"):
         make_task("cifar10")
-    with pytest.raises(ValueError, match="ridge is for the regression set"):
+    with pytest.raises(ValueError, match="ridge is for regression targets"):
         make_task("digits", "ridge")
     with pytest.raises(ValueError, match="decay 'feature' is for linear models"):
         make_task("digits", "mlp", "feature")

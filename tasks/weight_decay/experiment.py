@@ -1,16 +1,25 @@
-"""One tuning experiment from a config: baselines and hypergradient descent on the same task, results and plots."""
+"""One tuning experiment from a config: baselines and hypergradient descent on the same task, results and plots.
+
+    python examples/tune_weight_decay.py data.name=iris
+    python examples/tune_weight_decay.py data.name=path/to/table.csv data.target=label --overwrite
+    python examples/tune_weight_decay.py configs/weight_decay/digits_scalar.yaml outer.method=neumann
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from tasks.config import ConfigError, check_writable
 
 from .config import validate
 from .plots import plot_history, plot_landscape
@@ -32,12 +41,42 @@ def reused_grid(cfg, task_name: str):
     return earlier["grid"]["points"], Cost(**earlier["grid"]["cost"])
 
 
+RUN_FILES = ("results.json", "history.png", "landscape.png", "wandb")  # what one run writes
+
+
+def claim_out_dir(out_dir: str, overwrite: bool = False) -> Path:
+    """Make ``out_dir`` ready for one run, before any work, as the Omniglot script does with its run folder.
+
+    The folder is created and proven writable (a read-only folder is found now, not at ``results.json`` after the
+    search). A folder holding a finished run (``results.json``) is refused unless ``overwrite``, which deletes that
+    run's files first so two runs' files are never mixed. Stray files of an unfinished run are replaced silently.
+
+    Raises:
+        tasks.config.ConfigError: the folder is not writable, or holds a finished run and ``overwrite`` is off.
+    """
+    out = check_writable(out_dir, "out_dir")
+    if (out / "results.json").exists():
+        if not overwrite:
+            raise ConfigError(f"invalid config: out_dir={str(out_dir)!r} already holds a finished run (results.json); "
+                              f"replace it with --overwrite (overwrite=true) or choose another out_dir.")
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    return out
+
+
 def run(cfg, write: bool = True) -> dict:
     """Run grid search, random search and hypergradient descent as ``cfg`` says; return (and write) the results.
 
-    Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``.
+    Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``. Before any work the
+    config is validated and, when ``write``, ``out_dir`` is claimed (:func:`claim_out_dir`).
     """
     validate(cfg)
+    if write:
+        claim_out_dir(cfg.out_dir, cfg.overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -48,8 +87,11 @@ def run(cfg, write: bool = True) -> dict:
 
 def _run(cfg, write: bool) -> dict:
     import wandb
+
+    cpu_start = time.process_time()
     task = make_task(cfg.data.name, cfg.model.kind, cfg.model.decay, cfg.data.n_train, cfg.data.n_val,
-                     cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root)
+                     cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root,
+                     target=cfg.data.target, task=cfg.data.task, scaling=cfg.data.scaling)
     solver = make_solver(cfg.inner.solver, cfg.inner.lr, cfg.inner.steps, cfg.inner.tol, cfg.inner.momentum)
     n_hparams = sum(math.prod(s) for s in task.hparam_shapes().values())
     out = Path(cfg.out_dir)
@@ -82,6 +124,8 @@ def _run(cfg, write: bool) -> dict:
     rel_gap = (tuned.final["val_loss"] - grid_best["val_loss"]) / abs(grid_best["val_loss"])
     results = {
         "task": task.name,
+        "task_type": task.task,
+        "classes": len(task.classes),
         "n_hparams": n_hparams,
         "splits": {"train": len(task.train[1]), "val": len(task.val[1]), "test": len(task.test[1])},
         "config": OmegaConf.to_container(cfg),
@@ -108,6 +152,7 @@ def _run(cfg, write: bool) -> dict:
         d = log_wd.numel() - cfg.data.noise_features
         results["hypergrad"]["geomean_wd_real_features"] = math.exp(float(log_wd[:d].mean()))
         results["hypergrad"]["geomean_wd_noise_features"] = math.exp(float(log_wd[d:].mean()))
+    results["cpu_minutes"] = (time.process_time() - cpu_start) / 60
     if write:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         title = f"{task.name}, {cfg.outer.method}"
@@ -120,7 +165,8 @@ def summary(results: dict) -> str:
     """A few lines for the terminal."""
     h, g = results["hypergrad"], results["grid"]
     lines = [
-        f"{results['task']} ({results['n_hparams']} hparams, splits {results['splits']})",
+        f"{results['task']} ({results.get('task_type', '?')}, {results['n_hparams']} hparams, splits "
+        f"{results['splits']}, {results.get('cpu_minutes', 0):.2f} CPU min)",
         f"  hypergradient: val {h['final']['val_loss']:.5f} test {h['final']['test_loss']:.5f} "
         f"({h['cost']['inner_solves']} solves, {h['cost']['inner_steps']} inner steps, {h['cost']['hvps']} HVPs, "
         f"{h['cost']['seconds']:.1f}s); val gap to grid best {100 * h['val_gap_to_grid_best']:+.2f}%",
@@ -137,3 +183,38 @@ def summary(results: dict) -> str:
             if v:
                 lines.append(f"  scikit-learn {k}: val {v['val_loss']:.5f} test {v['test_loss']:.5f}")
     return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse ``[--overwrite] [config.yaml ...] [key=value ...]``, run, print the summary.
+
+    Errors in the command line, the config, the data or the output folder end the program with one line
+    (``error: ...``); set ``BILEVEL_TRACEBACK=1`` for the traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return {}
+    files, overrides = [], []
+    for arg in argv:
+        if arg == "--overwrite":
+            overrides.append("overwrite=true")
+        elif arg.startswith("--"):
+            raise SystemExit(f"error: unknown option {arg!r}; use --overwrite, YAML config files and key=value "
+                             f"overrides.")
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            files.append(arg)
+    from .config import load_config
+
+    try:
+        cfg = load_config(files, overrides)
+        results = run(cfg)
+    except (ValueError, OSError) as err:  # bad config, data or folder: the message, not a traceback
+        if os.environ.get("BILEVEL_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
+    print(summary(results))
+    print(f"results in {cfg.out_dir}/")
+    return results

@@ -10,6 +10,11 @@ shared: ``[]`` one scalar, ``[D, 1]`` one per input feature (linear models), or 
 parameter, Lorraine et al. 2020). Models with several weight matrices under per-parameter decay use one key per
 weight, ``"log_wd.W1"``, ``"log_wd.W2"``.
 
+Any data set works without code: a scikit-learn loader by name (``iris``, ``wine``, ``breast_cancer``,
+``diabetes``, ``digits``, ...), a CSV or NPZ file, or the image sets ``mnist`` / ``fashion-mnist``. The task type
+(``regression``, ``binary``, ``multiclass``) is read from the target or set explicitly; regression uses ridge
+regression, classification a softmax model with one output per class (logistic regression or an MLP).
+
 Splits are drawn once from a seeded permutation (never the global RNG); the test set is only ever evaluated.
 """
 
@@ -21,12 +26,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tasks.data import load_idx_dataset, load_sklearn_dataset
+import numpy as np
+
+from tasks.data import IDX_DATASETS, load_idx_dataset, load_sklearn_dataset, load_table, sklearn_loaders
 
 __all__ = [
     "DECAYS",
-    "DATASETS",
+    "IMAGE_SETS",
     "MODELS",
+    "TASKS",
+    "SCALINGS",
+    "curvature",
+    "data_source",
     "WeightDecayTask",
     "init_hparams",
     "make_task",
@@ -34,9 +45,12 @@ __all__ = [
     "ridge_hypergrad",
 ]
 
-DATASETS = ("diabetes", "digits", "mnist", "fashion-mnist")
-MODELS = ("ridge", "logreg", "mlp")
+IMAGE_SETS = tuple(IDX_DATASETS)  # mnist, fashion-mnist: official train / test files under the data root
+MODELS = ("auto", "ridge", "logreg", "mlp")  # auto: ridge for regression, logreg for classification
 DECAYS = ("scalar", "feature", "parameter")
+TASKS = ("auto", "regression", "binary", "multiclass")
+SCALINGS = ("auto", "standard", "max", "none")
+MAX_CLASSES = 20  # auto: integer-valued numeric targets with at most this many distinct values are class labels
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,8 @@ class WeightDecayTask:
         train, val, test: batches ``(X, y)``; X float ``[N, D]``, y float ``[N]`` (ridge) or int64 ``[N]``.
         params0: the starting weights (zeros for linear models, a seeded draw for the MLP).
         decayed: names of the weights that carry a penalty.
+        task: ``"regression"``, ``"binary"`` or ``"multiclass"``.
+        classes: the class names, in label order (empty for regression).
     """
 
     name: str
@@ -60,6 +76,8 @@ class WeightDecayTask:
     test: tuple[torch.Tensor, torch.Tensor]
     params0: dict[str, torch.Tensor]
     decayed: tuple[str, ...]
+    task: str = "multiclass"
+    classes: tuple[str, ...] = ()
 
     def data_loss(self, params, batch):
         """Mean loss on ``batch``: half the squared error (ridge) or the cross-entropy (classifiers)."""
@@ -123,76 +141,168 @@ def init_hparams(task: WeightDecayTask, weight_decay: float) -> dict[str, torch.
 
 def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     if sum(sizes) > n:
-        raise ValueError(f"split sizes {sizes} need {sum(sizes)} examples but the data set has only {n}.")
+        raise ValueError(f"split sizes {sizes} need {sum(sizes)} examples but the data set has only {n}; lower "
+                         f"data.n_train / data.n_val / data.n_test.")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return list(torch.split(perm[: sum(sizes)], list(sizes)))
 
 
+def data_source(name: str) -> str:
+    """``"file"`` (a ``.csv`` / ``.npz`` path), ``"images"`` (``mnist``, ``fashion-mnist``) or ``"sklearn"``."""
+    if str(name).lower().endswith((".csv", ".npz")):
+        return "file"
+    return "images" if name in IMAGE_SETS else "sklearn"
+
+
+def check_data_name(name: str) -> None:
+    """Fail fast, before any loading, on a data set name that names nothing (one line, with the choices)."""
+    source = data_source(name)
+    if source == "file":
+        from pathlib import Path
+        if not Path(name).expanduser().is_file():
+            raise FileNotFoundError(f"data.name={name!r}: no such file.")
+    elif source == "sklearn":
+        from sklearn import datasets
+        if name not in sklearn_loaders() and not hasattr(datasets, f"fetch_{name}"):
+            raise ValueError(f"data.name={name!r} is not a data set: use a scikit-learn loader name "
+                             f"({', '.join(sklearn_loaders())}, ...), {' or '.join(IMAGE_SETS)}, or a .csv / .npz "
+                             f"file path.")
+
+
+def _task_type(y: np.ndarray, task: str, where: str) -> str:
+    """The task type of target ``y``: as given, or (``auto``) read from the values."""
+    if y.dtype.kind in "USO":  # text labels
+        kind = "classification"
+    elif y.dtype.kind in "iub":
+        kind = "classification"
+    else:
+        integral = bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+        kind = "classification" if integral and len(np.unique(y)) <= MAX_CLASSES else "regression"
+    n_classes = len(np.unique(y)) if kind == "classification" else 0
+    if task == "auto":
+        return "regression" if kind == "regression" else ("binary" if n_classes == 2 else "multiclass")
+    if task == "regression" and y.dtype.kind in "USO":
+        raise ValueError(f"{where}: data.task='regression' but the target holds text labels; use binary or multiclass.")
+    if task != "regression":
+        n_classes = len(np.unique(y))
+        if task == "binary" and n_classes != 2:
+            raise ValueError(f"{where}: data.task='binary' but the target has {n_classes} distinct values; use "
+                             f"data.task=multiclass (or regression).")
+        if n_classes < 2:
+            raise ValueError(f"{where}: the target has a single value; nothing to classify.")
+    return task
+
+
+def _scale(parts, scaling: str):
+    """Scale inputs with statistics of the training split only.
+
+    ``standard``: each feature to mean 0, std 1. ``max``: divide by the largest |value| of the training inputs, then
+    centre each feature (pixel intensities keep their relative scale). ``auto``: ``max`` when every training input
+    is a non-negative integer (pixels, counts), else ``standard``. Centring makes gradient descent far better
+    conditioned, and the models have no penalty on their biases.
+    """
+    X = parts[0][0]
+    if scaling == "auto":
+        scaling = "max" if bool((X >= 0).all()) and bool((X == X.round()).all()) else "standard"
+    if scaling == "standard":
+        mean, std = X.mean(0), X.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return [((x - mean) / std, t) for x, t in parts]
+    if scaling == "max":
+        top = X.abs().max()
+        parts = [(x / (top if top > 0 else 1.0), t) for x, t in parts]
+        mean = parts[0][0].mean(0)
+        return [(x - mean, t) for x, t in parts]
+    return parts
+
+
 def make_task(
     dataset: str,
-    model: str = "logreg",
+    model: str = "auto",
     decay: str = "scalar",
-    n_train: int = 500,
-    n_val: int = 500,
+    n_train: int | None = None,
+    n_val: int | None = None,
     n_test: int | None = None,
     noise_features: int = 0,
     hidden: int = 64,
     seed: int = 0,
     root: str | None = None,
     dtype: torch.dtype = torch.float64,
+    target: str | None = None,
+    task: str = "auto",
+    scaling: str = "auto",
 ) -> WeightDecayTask:
     """Build a task with fixed, seeded splits.
 
-    Splits: scikit-learn sets are permuted with ``seed`` and cut into train / val / test (``n_test=None``: all the
-    rest). MNIST and Fashion-MNIST take train and val from the official training set (disjoint, seeded) and test
-    from the official test set (the first ``n_test`` images, all 10,000 if None). Inputs: diabetes and its target are
-    standardised with the training statistics (so ridge needs no intercept); digits pixels are divided by
-    16 and image pixels by 255, then centred with the training mean. ``noise_features`` appends that many standard normal columns (seeded).
+    Splits: tables (scikit-learn sets, CSV / NPZ files) are permuted with ``seed`` and cut into train / val / test;
+    ``n_train=None`` takes min(500, 40 %) of the rows, ``n_val=None`` min(500, 30 %), ``n_test=None`` all the rest.
+    MNIST and Fashion-MNIST take train and val from the official training set (disjoint, seeded; 500 each by
+    default) and test from the official test set (the first ``n_test`` images, all 10,000 if None). Inputs are
+    scaled with training statistics (see ``scaling``); a regression target is standardised with the training
+    statistics too (so ridge needs no intercept); class labels become ``0..C-1`` in sorted order.
+    ``noise_features`` appends that many standard normal columns (seeded).
 
     Args:
-        dataset: one of ``DATASETS``.
-        model: ``"ridge"`` (diabetes only), ``"logreg"`` or ``"mlp"`` (classification sets).
+        dataset: a scikit-learn loader name (``iris``, ``digits``, ...), ``mnist`` / ``fashion-mnist``, or the path
+            of a ``.csv`` / ``.npz`` file (see :func:`tasks.data.load_table`).
+        model: ``"ridge"`` (regression), ``"logreg"`` or ``"mlp"`` (classification), or ``"auto"``.
         decay: ``"scalar"``, ``"feature"`` (linear models) or ``"parameter"``.
+        target: the target column (CSV) or key (NPZ); default the last column / ``y``.
+        task: ``"regression"``, ``"binary"``, ``"multiclass"`` or ``"auto"``: text labels, integer labels, or
+            integer-valued numbers with at most 20 distinct values are classes; anything else is regression.
+        scaling: ``"standard"``, ``"max"``, ``"none"`` or ``"auto"`` (``max`` for non-negative integer inputs such
+            as pixels, else ``standard``).
         root: data folder for MNIST / Fashion-MNIST (default: the ``BILEVEL_DATA`` environment variable).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown data set {dataset!r}: choose one of {list(DATASETS)}.")
-    if model not in MODELS:
-        raise ValueError(f"Unknown model {model!r}: choose one of {list(MODELS)}.")
-    if decay not in DECAYS:
-        raise ValueError(f"Unknown decay sharing {decay!r}: choose one of {list(DECAYS)}.")
-    if (model == "ridge") != (dataset == "diabetes"):
-        raise ValueError(
-            f"model {model!r} does not fit data set {dataset!r}: ridge is for the regression set 'diabetes', "
-            f"logreg and mlp for the classification sets {list(DATASETS[1:])}."
-        )
+    for key, value, allowed in (("model", model, MODELS), ("decay", decay, DECAYS), ("task", task, TASKS),
+                                ("scaling", scaling, SCALINGS)):
+        if value not in allowed:
+            raise ValueError(f"Unknown {key} {value!r}: choose one of {list(allowed)}.")
     if decay == "feature" and model == "mlp":
         raise ValueError("decay 'feature' is for linear models (ridge, logreg); use 'scalar' or 'parameter' for mlp.")
-    if n_train <= 0 or n_val <= 0 or noise_features < 0:
+    if (n_train is not None and n_train <= 0) or (n_val is not None and n_val <= 0) or noise_features < 0:
         raise ValueError(f"need n_train > 0, n_val > 0, noise_features >= 0 (got {n_train}, {n_val}, {noise_features}).")
+    check_data_name(dataset)
+    source = data_source(dataset)
 
-    if dataset in ("diabetes", "digits"):
-        X, y = load_sklearn_dataset(dataset)
-        n_test = max(X.shape[0] - n_train - n_val, 0) if n_test is None else n_test
-        tr, va, te = _split(X.shape[0], (n_train, n_val, n_test), seed)
-        parts = [(X[i], y[i]) for i in (tr, va, te)]
-    else:
+    if source == "images":
         images, labels = load_idx_dataset(dataset, "train", root)
+        n_train, n_val = n_train or 500, n_val or 500
         tr, va = _split(images.shape[0], (n_train, n_val), seed)
         test_images, test_labels = load_idx_dataset(dataset, "test", root)
         n_test = test_images.shape[0] if n_test is None else n_test
         parts = [(images[tr], labels[tr]), (images[va], labels[va]), (test_images[:n_test], test_labels[:n_test])]
-        parts = [(x.reshape(x.shape[0], -1).double() / 255.0, t) for x, t in parts]
+        parts = [(x.reshape(x.shape[0], -1).double(), t.numpy()) for x, t in parts]
+        y_all = np.concatenate([t for _, t in parts])
+    else:
+        X, y_all = load_table(dataset, target) if source == "file" else load_sklearn_dataset(dataset)
+        y_all = np.asarray(y_all)
+        N = X.shape[0]
+        n_train = min(500, int(0.4 * N)) if n_train is None else n_train
+        n_val = min(500, int(0.3 * N)) if n_val is None else n_val
+        n_test = max(N - n_train - n_val, 0) if n_test is None else n_test
+        idx = _split(N, (n_train, n_val, n_test), seed)
+        parts = [(X[i], y_all[i.numpy()]) for i in idx]
+    name = dataset.rsplit("/", 1)[-1].rsplit(".", 1)[0] if source == "file" else dataset
+    task = _task_type(y_all, task, f"data set {name!r}")
+    if model == "auto":
+        model = "ridge" if task == "regression" else "logreg"
+    if (model == "ridge") != (task == "regression"):
+        raise ValueError(f"model {model!r} does not fit data set {name!r}, a {task} task: ridge is for regression "
+                         f"targets, logreg and mlp for classes (set model.kind, or data.task if the type is wrong).")
 
-    if dataset == "diabetes":
-        mean, std = parts[0][0].mean(0), parts[0][0].std(0)
-        y_mean, y_std = parts[0][1].mean(), parts[0][1].std()
-        parts = [((x - mean) / std, (t - y_mean) / y_std) for x, t in parts]
-    else:  # centring (with the training mean) makes the Hessian far better conditioned for gradient descent
-        if dataset == "digits":
-            parts = [(x / 16.0, t) for x, t in parts]
-        mean = parts[0][0].mean(0)
-        parts = [(x - mean, t) for x, t in parts]
+    parts = _scale(parts, scaling)
+    if task == "regression":
+        y_train = torch.from_numpy(parts[0][1].astype(np.float64))
+        y_mean, y_std = y_train.mean(), y_train.std()
+        y_std = y_std if y_std > 0 else torch.ones_like(y_std)
+        parts = [(x, (torch.from_numpy(t.astype(np.float64)) - y_mean) / y_std) for x, t in parts]
+        classes: tuple[str, ...] = ()
+    else:
+        values, codes = np.unique(y_all, return_inverse=True)
+        lookup = {v: i for i, v in enumerate(values.tolist())}
+        parts = [(x, torch.tensor([lookup[v] for v in t.tolist()], dtype=torch.int64)) for x, t in parts]
+        classes = tuple(str(int(v)) if isinstance(v, float) and v == int(v) else str(v) for v in values.tolist())
 
     if noise_features:
         g = torch.Generator().manual_seed(10_000 + seed)
@@ -201,7 +311,7 @@ def make_task(
     parts = [(x.to(dtype), t.to(dtype) if t.is_floating_point() else t) for x, t in parts]
 
     D = parts[0][0].shape[1]
-    C = 10
+    C = len(classes)
     if model == "ridge":
         params0, decayed = {"W": torch.zeros(D, dtype=dtype)}, ("W",)
     elif model == "logreg":
@@ -215,8 +325,23 @@ def make_task(
             "b2": torch.zeros(C, dtype=dtype),
         }
         decayed = ("W1", "W2")
-    data_name = dataset + (f"+{noise_features}noise" if noise_features else "")
-    return WeightDecayTask(f"{model}/{data_name}/{decay}", model, decay, *parts, params0, decayed)
+    data_name = name + (f"+{noise_features}noise" if noise_features else "")
+    return WeightDecayTask(f"{model}/{data_name}/{decay}", model, decay, *parts, params0, decayed, task, classes)
+
+
+def curvature(task: WeightDecayTask) -> float | None:
+    """An upper bound on the largest Hessian eigenvalue of the training data loss (without the penalty).
+
+    Ridge: ``λ_max(XᵀX/n)``. Softmax regression: ``λ_max(X̃ᵀX̃/n)/2`` with ``X̃ = [X, 1]`` (the softmax
+    cross-entropy's Hessian in the logits is ``diag(p) − ppᵀ ⪯ I/2``). ``None`` for the MLP (no such bound).
+    """
+    if task.model == "mlp":
+        return None
+    X = task.train[0]
+    if task.model == "logreg":
+        X = torch.cat([X, torch.ones_like(X[:, :1])], 1)
+    top = float(torch.linalg.eigvalsh(X.T @ X / X.shape[0])[-1])
+    return top if task.model == "ridge" else 0.5 * top
 
 
 def ridge_solution(task: WeightDecayTask, hparams) -> torch.Tensor:

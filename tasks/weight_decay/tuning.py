@@ -18,7 +18,7 @@ import torch
 
 import bilevel as bl
 
-from .problems import WeightDecayTask, init_hparams
+from .problems import WeightDecayTask, curvature, init_hparams
 
 # Inner iterations between two convergence checks of an unbatched solve (a check is one host sync).
 CHUNK = 25
@@ -37,8 +37,20 @@ class Cost:
         return dataclasses.asdict(self)
 
 
-def make_solver(kind: str, lr: float, steps: int, tol: float, momentum: float = 0.9) -> bl.GradientDescent:
-    """The inner solver: Nesterov gradient descent (``"gd"``) or Adam (``"adam"``)."""
+AUTO = "auto"  # the inner step size from the task's curvature and the current λ (see fit_step_size)
+
+
+def make_solver(kind: str, lr: float | str | None, steps: int, tol: float, momentum: float = 0.9) -> bl.GradientDescent:
+    """The inner solver: Nesterov gradient descent (``"gd"``) or Adam (``"adam"``).
+
+    ``lr=None`` (or ``"auto"``, gradient descent only) sets the step size at every solve to ``1 / (L + max λ)``, with
+    ``L`` the task's curvature bound (:func:`tasks.weight_decay.problems.curvature`): stable for every λ of a search
+    without hand tuning.
+    """
+    if lr is None or lr == AUTO:
+        if kind != "gd":
+            raise ValueError(f"inner.lr=null (automatic) is for inner.solver=gd; set inner.lr for {kind}.")
+        lr = AUTO
     if kind == "gd":
         return bl.GradientDescent(lr=lr, steps=steps, momentum=momentum, nesterov=momentum > 0, tol=tol)
     if kind == "adam":
@@ -68,6 +80,21 @@ def make_method(name: str, linear_steps: int = 50, linear_tol: float = 1e-8, neu
     raise ValueError(f"Unknown method {name!r}: choose one of ['implicit', 'neumann', 'jfb', 'unrolled', 'forward'].")
 
 
+def fit_step_size(task: WeightDecayTask, solver, hparams):
+    """``solver`` with its automatic step size (``lr="auto"``) set to ``1 / (L + max λ)`` for these ``hparams``.
+
+    The inner loss's Hessian is bounded by ``L + max λ`` (data term plus penalty), so gradient descent with this step
+    is stable (with Nesterov momentum too) at any λ. Solvers with a fixed step size are returned unchanged.
+    """
+    if getattr(solver, "lr", None) != AUTO:
+        return solver
+    L = curvature(task)
+    if L is None:
+        raise ValueError(f"{task.name}: no curvature bound for model {task.model!r}; set inner.lr.")
+    top = max(float(torch.exp(v.detach()).max()) for v in hparams.values())
+    return dataclasses.replace(solver, lr=1.0 / (L + top))
+
+
 def solve_inner(task: WeightDecayTask, solver, hparams, params0, cost: Optional[Cost] = None):
     """Run ``solver`` on the training loss from ``params0`` until ``||∇ inner_loss|| <= solver.tol`` or the budget
     ``solver.steps`` is spent. Unbatched, so it may stop early in Python (checks every ``CHUNK`` iterations) and
@@ -76,6 +103,7 @@ def solve_inner(task: WeightDecayTask, solver, hparams, params0, cost: Optional[
     Returns:
         ``(params, info)`` with ``info.steps`` the iterations actually taken.
     """
+    solver = fit_step_size(task, solver, hparams)
     params, state, info = params0, None, None
     with torch.no_grad():
         while info is None or (not bool(info.converged) and int(info.steps) < solver.steps):
@@ -174,7 +202,7 @@ def hypergradient_descent(
             presolve_steps = int(info.steps)
             # The solution is already there: one iteration confirms it (converged, so the update is masked).
             solver_k = dataclasses.replace(solver_k, steps=1)
-        problem = bl.Problem(task.inner_loss, task.outer_loss, solver_k, init=None)
+        problem = bl.Problem(task.inner_loss, task.outer_loss, fit_step_size(task, solver_k, hparams), init=None)
         out = bl.hypergrad(method, problem, hparams, task.train, task.val, params0=params0,
                            on_nonconvergence="ignore", on_nonfinite="raise")
         if not implicit:
@@ -277,7 +305,10 @@ def sklearn_reference(task: WeightDecayTask, hparams) -> Optional[dict]:
     """scikit-learn at the same weight decay, as a check on our inner solver.
 
     Our inner loss is mean_loss + 1/2 Σ_j λ_j ||w_j||² over input features j. scikit-learn's ``Ridge`` minimises
-    ||y − Xw||² + α||w||², so α = nλ; ``LogisticRegression`` minimises 1/2 ||w||² + C Σ_i CE_i, so C = 1/(nλ).
+    ||y − Xw||² + α||w||², so α = nλ; ``LogisticRegression`` minimises 1/2 ||w||² + C Σ_i CE_i, so C = 1/(nλ) for
+    C > 2 classes (softmax). For two classes scikit-learn fits one weight vector d (a sigmoid) while our softmax has
+    two columns w₀, w₁; only d = w₁ − w₀ enters the loss and the penalty is smallest at w₁ = −w₀ = d/2, where it is
+    λ/4 ||d||², so C = 2/(nλ).
     Per-feature λ_j maps exactly by rescaling feature j by 1/sqrt(λ_j) (v_j = sqrt(λ_j) w_j) and taking λ = 1.
     Returns None where no exact mapping exists (MLP, per-parameter decay of a multi-class model).
     """
@@ -297,7 +328,11 @@ def sklearn_reference(task: WeightDecayTask, hparams) -> Optional[dict]:
         model = Ridge(alpha=n * lam0, fit_intercept=False, solver="cholesky").fit(X * scale, y)
         losses = [0.5 * np.mean((model.predict(A * scale) - b) ** 2) for A, b in ((Xv, yv), (Xt, yt))]
     else:
-        model = LogisticRegression(C=1.0 / (n * lam0), tol=1e-10, max_iter=20_000).fit(X * scale, y)
-        labels = np.arange(10)
+        n_classes = len(task.classes)
+        C = (2.0 if n_classes == 2 else 1.0) / (n * lam0)
+        model = LogisticRegression(C=C, tol=1e-10, max_iter=20_000).fit(X * scale, y)
+        if len(model.classes_) != n_classes:
+            return None  # a class missing from the training split: the probabilities would not line up
+        labels = np.arange(n_classes)
         losses = [log_loss(b, model.predict_proba(A * scale), labels=labels) for A, b in ((Xv, yv), (Xt, yt))]
     return {"val_loss": float(losses[0]), "test_loss": float(losses[1])}

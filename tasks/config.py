@@ -1,0 +1,140 @@
+"""One configuration helper for every workload: a dataclass schema, YAML files, ``key=value`` overrides.
+
+A workload declares its schema as nested dataclasses (each default with an inline comment), then calls
+:func:`load` with the YAML files and command-line overrides, in that order, and its own ``validate``. Every
+mistake is a :class:`ConfigError` (a ``ValueError``) with one line that names the key or the file and the fix, raised
+before any data is loaded:
+
+- a missing config file (``FileNotFoundError``, naming the path);
+- a YAML syntax error (the file and line);
+- an unknown key (a typo), a wrong type (``meta.steps=many``), an override without ``=``;
+- a value outside its allowed set or range (the workload's ``validate``, through :func:`check` / :func:`choose`).
+
+    from tasks import config
+
+    @dataclass
+    class Schema:
+        steps: int = 10        # outer steps
+        wandb: config.WandbConfig = field(default_factory=config.WandbConfig)
+
+    cfg = config.load(Schema, ["my.yaml"], ["steps=5"], validate=my_validate)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "check", "choose", "check_writable"]
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the key (or file) and what to do."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"                  # offline | online | disabled
+    project: str = "bilevel"               # each workload sets its own default project
+
+
+def _one_line(err: Exception) -> str:
+    """omegaconf's messages span several lines (full_key, object_type, ...): keep the first and the key."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{first} (key {key})" if key and str(key) not in first else first
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found"
+                                + (" (it is a folder)." if path.is_dir() else "; check the path."))
+    try:
+        return OmegaConf.load(path)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config from {path}: {_one_line(err)}") from None
+    except Exception as err:  # yaml's ScannerError / ParserError: the message carries the line and column
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _one_line(err)
+        raise ConfigError(f"invalid config: YAML syntax error in {path}{where}: {problem}.") from None
+
+
+def load(schema: type, files: Iterable[str | os.PathLike] = (), overrides: Sequence[str] = (),
+         validate: Optional[Callable[[DictConfig], None]] = None) -> DictConfig:
+    """The ``schema`` defaults, then each YAML file of ``files``, then the ``key=value`` ``overrides``; validated.
+
+    Args:
+        schema: the root dataclass (every field with a default).
+        files: YAML files merged in order (partial: only the keys they change).
+        overrides: command-line ``key=value`` strings, e.g. ``["outer.steps=5", "data.name=iris"]``; a value of
+            ``null`` sets ``None``.
+        validate: the workload's check of values, called on the merged config.
+
+    Returns:
+        An omegaconf ``DictConfig`` in struct mode (reading or setting an unknown key is an error).
+
+    Raises:
+        FileNotFoundError: a file of ``files`` does not exist (named).
+        ConfigError: a YAML syntax error, an unknown key, a wrong type, a bad override or a bad value (named).
+    """
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    layers = [(str(f), _read_yaml(Path(f))) for f in files]
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"invalid config: overrides must be key=value, got {bad} (e.g. outer.steps=5).")
+    try:
+        layers.append(("the command line", OmegaConf.from_dotlist(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config from the command line: {_one_line(err)}") from None
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:  # omegaconf names the key; add where it came from
+            raise ConfigError(f"invalid config from {where}: {_one_line(err)}") from None
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ``ConfigError("invalid config: <message>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"invalid config: {message}")
+
+
+def choose(cfg: DictConfig, key: str, allowed: Iterable) -> None:
+    """``key`` (dotted) must hold one of ``allowed``."""
+    allowed = list(allowed)
+    value = OmegaConf.select(cfg, key)
+    check(value in allowed, f"{key}={value!r}; use one of {', '.join(map(str, allowed))}.")
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> Path:
+    """Create ``folder`` (and its parents) if needed and prove it writable by writing and removing a probe file.
+
+    Called before any work, so that a read-only output location is found in a second, not after the run.
+
+    Raises:
+        ConfigError: the folder cannot be created or written, naming ``key`` and the path.
+    """
+    path = Path(folder).expanduser()
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"invalid config: {key}={str(folder)!r} is not writable ({err.strerror or err}); "
+                          f"choose another folder with {key}=...") from None
+    return path
