@@ -379,3 +379,12 @@ def test_single_query_warns_and_the_inductive_mode_does_not_depend_on_the_batch(
     alone = torch.cat([task.predict_proba(queries[i:i + 1], transductive=False) for i in range(3)])
     together = task.predict_proba(queries, transductive=False)
     torch.testing.assert_close(alone, together)
+
+
+def test_atomic_writes_get_the_permissions_of_a_normal_file(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        omniglot_data._atomic_write(tmp_path / "results.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644   # readable by others, as open() gives
