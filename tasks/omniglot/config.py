@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from tasks import config as base
 
 __all__ = ["OmniglotConfig", "load_config", "validate", "CONFIG_DIR", "METHODS"]
 
@@ -108,8 +110,7 @@ class RunConfig:
 
 
 @dataclass
-class WandbConfig:
-    mode: str = "offline"                  # offline | online | disabled
+class WandbConfig(base.WandbConfig):
     project: str = "bilevel-omniglot"
 
 
@@ -133,35 +134,21 @@ def load_config(name: str | None = "demo", overrides: list[str] | tuple[str, ...
         FileNotFoundError: no such config (the message lists the available names).
         ValueError: an unknown key, a wrong type or an invalid value (named).
     """
-    cfg = OmegaConf.structured(OmniglotConfig)
-    layers = []
+    files = []
     if name:
         path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as err:  # a YAML syntax error: where it is, without the parser's traceback
-            raise ValueError(f"cannot parse config file {path}: {' '.join(str(err).split())}") from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"overrides must be key=value, got {bad} (e.g. meta.steps=100 method.name=fomaml).")
-    layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for where, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except Exception as err:  # omegaconf's errors name the key; add where it came from
-            raise ValueError(f"invalid config from {where}: {err}".strip()) from None
-    if name and not (layers[-1][1].get("run") or {}).get("name"):
+        files.append(path)
+    cfg = base.load(OmniglotConfig, files, overrides)  # one-line errors naming the key and where it came from
+    if name and not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         cfg.run.name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
     validate(cfg)
     return cfg
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid config: {message}")
+_check = base.check  # raises tasks.config.ConfigError (a ValueError): "invalid config: <message>"
 
 
 def validate(cfg: DictConfig) -> None:
