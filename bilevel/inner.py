@@ -17,7 +17,7 @@ from typing import Any, Union
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.func import grad
-from torch.utils import _pytree as pytree
+from .tree import pytree
 
 from . import tree
 from .types import HParams, LossFn, Params, SolveInfo

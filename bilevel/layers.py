@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from .tree import tree_flatten, tree_unflatten
 
 from .conditions import Condition
 from .diagnostics import POLICIES

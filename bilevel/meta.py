@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 from torch.func import vmap
-from torch.utils import _pytree as pytree
+from .tree import pytree
 
 from . import tree
 from .diagnostics import check

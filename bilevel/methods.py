@@ -122,7 +122,7 @@ class Unrolled:
                 with torch.no_grad():
                     w, state, info = solver.run(problem.inner_loss, tree.detach(w), tree.detach(h), inner_batch,
                                                 steps=steps - tail)
-                w, state = tree.detach(w), torch.utils._pytree.tree_map(torch.Tensor.detach, state)
+                w, state = tree.detach(w), tree.pytree.tree_map(torch.Tensor.detach, state)
             w, _, info = solver.run(problem.inner_loss, w, h, inner_batch, steps=tail, state=state, info=info)
             loss = problem.outer_loss(w, h, outer_batch)
             return loss, (loss.detach(), tree.detach(w), info)

@@ -52,7 +52,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from .tree import tree_flatten, tree_unflatten
 
 from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
 from .root_find import Record, _all_true, _under_vmap

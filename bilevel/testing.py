@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-from torch.utils import _pytree as pytree
+from .tree import pytree
 
 from . import tree
 from .methods import Implicit, Problem

@@ -7,6 +7,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+# torch has no public pytree module: torch.utils._pytree is private, though torch.func walks its own arguments with
+# it. It is imported here only; the rest of bilevel reaches it as `tree.pytree` (or the two names below), and
+# tests/test_dependencies.py pins what bilevel uses of it, so a torch release that changes it fails one named test.
+from torch.utils import _pytree as pytree  # noqa: E402
+
+tree_flatten, tree_unflatten = pytree.tree_flatten, pytree.tree_unflatten
+
 Tree = dict[str, Tensor]
 
 

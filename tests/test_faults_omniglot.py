@@ -26,7 +26,7 @@ from tasks.omniglot.config import load_config
 from tasks.omniglot.data import load_omniglot, resolve_root
 from tasks.omniglot.inference import FewShotClassifier, load_images
 from tasks.omniglot.model import Conv4
-from tasks.omniglot.run_folder import DivergenceError, RunFolderError, load_checkpoint
+from tasks.omniglot.run_folder import DivergenceError, DivergenceWarning, RunFolderError, load_checkpoint
 
 DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 SMALL_SET = "images_background_small1"
@@ -206,6 +206,23 @@ def test_warn_mode_records_divergence_and_skipped_steps_in_the_results(small, tm
     assert len([w for w in record if "non-finite" in str(w.message)]) == 1   # once per cause
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["skipped_steps"] == [1, 3] == out["skipped_steps"]
+
+
+def test_warn_mode_warns_once_per_sign_and_records_it(small, tmp_path, monkeypatch):
+    real = train.meta_step
+
+    def loss_far_above_a_guess(*a, **k):
+        grad, loss, acc, out = real(*a, **k)
+        return grad, loss * 1e6, acc, out
+
+    monkeypatch.setattr(train, "meta_step", loss_far_above_a_guess)
+    with pytest.warns(DivergenceWarning, match=r"meta-step 10: the query loss") as record:
+        train.main(cfg(tmp_path, "meta.steps=12", "meta.on_divergence=warn"), small)
+    assert len(record) == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(d["step"], d["kind"]) for d in saved["divergence"]] == [(10, "loss")]
+    with pytest.raises(DivergenceError, match=r"meta-step 10: the query loss.*inner.lr=0.4"):
+        train.main(cfg(tmp_path / "raise", "meta.steps=12"), small)
 
 
 def test_divergence_check_flags_loss_chance_accuracy_and_skips():
@@ -388,3 +405,15 @@ def test_atomic_writes_get_the_permissions_of_a_normal_file(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644   # readable by others, as open() gives
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+
+    def full_disk(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*checkpoint\.pt"):
+        omniglot_data._atomic_write(target, full_disk)
+    assert target.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))

@@ -107,8 +107,10 @@ def _atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; the result gets the permissions of a normal file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:   # e.g. a full disk: say which file, keep the type
+            raise type(err)(err.errno, f"{err.strerror} (writing {path}; its previous version is intact)") from None
         raise
 
 

@@ -308,19 +308,19 @@ def check_step(cfg, history: dict, hparams: dict, initial_norm: float, checkpoin
     """
     step = history["step"][-1]
     kept = (f"{checkpoint_path} still holds the last checkpointed weights" if checkpoint_path.is_file()
-            else "no checkpoint was written")
+            else "No checkpoint was written")
     problem = weights_problem(hparams, initial_norm)
     if problem is not None:
-        raise DivergenceError(f"diverged at meta-step {step}: {problem}; {likely_cause(cfg)}. Not checkpointed; "
-                              f"{kept}.")
+        raise DivergenceError(f"diverged at meta-step {step}: {problem}; {likely_cause(cfg)}. These weights are "
+                              f"not checkpointed. {kept[0].upper()}{kept[1:]}.")
     if cfg.meta.on_divergence == "ignore":
         return
     sign = divergence(history, cfg.task.ways)
     if sign is None:
         return
     if cfg.meta.on_divergence == "raise":
-        raise DivergenceError(f"diverged at meta-step {step}: {sign.message}; {likely_cause(cfg)}. {kept}; "
-                              f"meta.on_divergence=warn continues instead.")
+        raise DivergenceError(f"diverged at meta-step {step}: {sign.message}; {likely_cause(cfg)}. "
+                              f"{kept[0].upper()}{kept[1:]}; meta.on_divergence=warn continues instead.")
     if sign.kind not in {d["kind"] for d in history["divergence"]}:
         history["divergence"].append({"step": step, "kind": sign.kind, "message": sign.message})
         warnings.warn(f"meta-step {step}: {sign.message}; {likely_cause(cfg)}. Recorded in results.json; "
