@@ -417,3 +417,9 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
     with pytest.raises(OSError, match=r"No space left on device \(writing .*checkpoint\.pt"):
         omniglot_data._atomic_write(target, full_disk)
     assert target.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_labels_given_as_a_tensor_name_classes_by_value(small, clf):
+    x, y = _support(small)
+    task = clf.adapt(x, torch.tensor(y))
+    assert task.classes == [0, 1, 2] and task.params["head.weight"].shape[0] == 3

@@ -199,7 +199,8 @@ class FewShotClassifier:
         for every class (labels are random during meta-training, so no row is tied to a class).
         """
         x = load_images(images)
-        labels = list(labels)
+        # A tensor's elements hash by identity, so every one would be a class of its own: compare values instead.
+        labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
         if len(labels) != x.shape[0]:
             raise ValueError(f"adapt: {x.shape[0]} images but {len(labels)} labels.")
         classes = list(dict.fromkeys(labels))
