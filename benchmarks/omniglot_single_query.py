@@ -5,12 +5,13 @@ batch it is made in. This measures, on meta-test tasks of the checkpoint's own p
 the query set after adapting to the support set with :class:`tasks.omniglot.inference.FewShotClassifier`:
 
 - ``batch``: all queries of the task together (``transductive=True``), as in the meta-test;
-- ``one at a time``: each query alone (``transductive=True``, a batch of one: its own statistics);
+- ``one at a time``: each query alone under transductive batch norm (its own statistics; ``predict`` refuses
+  this, so the forward pass is called directly);
 - ``with support``: each query normalised together with the support set (``transductive=False``).
 
 Usage::
 
-    python -m benchmarks.omniglot_single_query runs/omniglot/fomaml_5w1s/checkpoint.pt --tasks 200
+    python -m benchmarks.omniglot_single_query runs/omniglot/fomaml_5w1s/checkpoint.pt --tasks 200 [--ways 20]
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import warnings
 
 import torch
 from omegaconf import OmegaConf
+from torch.func import functional_call
 
 from tasks.omniglot import train
 from tasks.omniglot.config import OmniglotConfig
@@ -39,12 +40,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--tasks", type=int, default=200, help="meta-test tasks (default 200)")
+    parser.add_argument("--ways", type=int, default=None, help="N of the test tasks (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     state = load_checkpoint(args.checkpoint)
     cfg = OmegaConf.merge(OmegaConf.structured(OmniglotConfig), state["config"])
+    if args.ways:   # other N: FewShotClassifier starts every head row from the mean meta-learned row
+        cfg.task.ways = args.ways
     work = train.build(cfg)
     clf = FewShotClassifier.load(args.checkpoint)
     hits = {"batch": [], "one at a time": [], "with support": []}
@@ -58,9 +62,10 @@ def main(argv=None) -> dict:
             "batch": adapted.predict(task.query),
             "with support": adapted.predict(task.query, transductive=False),
         }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)   # the one-query warning is the point of this row
-            predictions["one at a time"] = [adapted.predict(task.query[j:j + 1])[0] for j in range(len(truth))]
+        with torch.no_grad():   # what predict() refuses: each query normalised by its own statistics
+            alone = [functional_call(adapted.model, adapted.params, (task.query[j:j + 1],)).argmax(-1).item()
+                     for j in range(len(truth))]
+        predictions["one at a time"] = [adapted.classes[i] for i in alone]
         for name, predicted in predictions.items():
             hits[name].append(sum(p == t for p, t in zip(predicted, truth)) / len(truth))
     cpu = time.process_time() - cpu

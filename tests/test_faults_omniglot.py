@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -388,10 +387,10 @@ def test_inner_steps_zero_is_refused_not_replaced(small, tmp_path):
     assert FewShotClassifier.load(tmp_path / "checkpoint.pt", inner_steps=3).solver.steps == 3
 
 
-def test_single_query_warns_and_the_inductive_mode_does_not_depend_on_the_batch(small, clf):
+def test_single_query_is_refused_and_the_inductive_mode_does_not_depend_on_the_batch(small, clf):
     task = clf.adapt(*_support(small))
     queries = small.images[:30:10, 5].float().div(255)
-    with pytest.warns(UserWarning, match="one query"):
+    with pytest.raises(ValueError, match=r"one query.*transductive=False"):
         task.predict(queries[:1])
     alone = torch.cat([task.predict_proba(queries[i:i + 1], transductive=False) for i in range(3)])
     together = task.predict_proba(queries, transductive=False)

@@ -15,10 +15,10 @@ is composited over white; a single path is one image) or tensors in the training
 are refused with a named error, as is an adaptation that diverges.
 
 Batch norm is transductive as in training: by default query predictions use the statistics of the query batch, so
-classify queries in batches as in the meta-test. A single query is then normalised with its own statistics and
-accuracy drops (on one 20-way measurement, 49.75 % one at a time against 79.5 % in batches), so it warns. With
-``transductive=False`` each query is normalised together with the support set instead, and its prediction does not
-depend on the other queries (see :meth:`AdaptedTask.predict_proba`).
+classify queries in batches as in the meta-test. A single query would be normalised with its own statistics, which
+predicts at about chance level (see docs/failure-modes.md), so it is refused. With ``transductive=False`` each query
+is normalised together with the support set instead, and its prediction does not depend on the other queries (see
+:meth:`AdaptedTask.predict_proba`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Hashable, Sequence
 
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -112,18 +111,22 @@ class AdaptedTask:
         Args:
             images: PNG paths or tensors (see :func:`load_images`).
             transductive: ``True`` (as in meta-training and the meta-test): batch norm uses the statistics of this
-                query batch, so pass the queries together; a batch of one warns. ``False``: each query is
-                normalised together with the support set (the forward pass sees the support images plus that one
-                query), so its prediction does not depend on the other queries; this mode was not seen in
-                meta-training.
+                query batch, so pass the queries together; a batch of one is refused, since one image normalised
+                by its own statistics predicts at about chance level. ``False``: each query is normalised together
+                with the support set (the forward pass sees the support images plus that one query), so its
+                prediction does not depend on the other queries; this mode was not seen in meta-training.
+
+        Raises:
+            ValueError: a single query with ``transductive=True``, bad images (see :func:`load_images`), or
+                non-finite outputs.
         """
         x = load_images(images)
         with torch.no_grad():
             if transductive:
                 if x.shape[0] == 1:
-                    warnings.warn("predict: one query under transductive batch norm is normalised with its own "
-                                  "statistics, which lowers accuracy; pass the queries together, or use "
-                                  "transductive=False.", UserWarning, stacklevel=3)
+                    raise ValueError("predict: one query under transductive batch norm would be normalised by its "
+                                     "own statistics, which predicts at about chance level; pass the queries "
+                                     "together, or use transductive=False (normalised with the support set).")
                 logits = functional_call(self.model, self.params, (x,))
             else:
                 if self.support is None:
