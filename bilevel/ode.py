@@ -309,7 +309,8 @@ class _OdeAdjoint(torch.autograd.Function):
         wanted = [i for i, need in enumerate(needs[3:]) if need]
         if not (needs[1] or wanted):
             return (None,) * (3 + len(tensors))
-        ys, tensors = ys.detach(), [x.detach() for x in tensors]
+        # nothing is detached: the backward is made of differentiable ops, so a second derivative (MAML through an
+        # inner gradient step) differentiates the adjoint solve in turn
 
         def dynamics(s, state):
             # state = (h, a, g_1, ..., g_k); returns (f, −aᵀ∂f/∂h, −aᵀ∂f/∂θ_1, ...), integrated from t_N to t_0
