@@ -6,7 +6,11 @@ call, with one host sync. Non-finite values are never handed on silently.
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -15,6 +19,8 @@ from .linear_solve import CG, Neumann
 from .types import Hypergrad, SolveInfo
 
 POLICIES = ("raise", "warn", "ignore")
+NONFINITE_POLICIES = POLICIES + ("skip_task",)
+"""``on_nonfinite`` of ``meta_grad`` also takes ``"skip_task"``: drop the tasks whose hypergradient is not finite."""
 
 
 class NonConvergenceError(RuntimeError):
@@ -29,13 +35,45 @@ class NonConvergenceWarning(UserWarning):
     """An inner or adjoint solve did not reach its tolerance and the policy is ``"warn"``."""
 
 
+_BILEVEL_DIR = os.path.dirname(os.path.abspath(__file__))
+_COUNTS: Counter = Counter()
+
+
+def warning_counts() -> dict:
+    """How often each cause was met since the last ``reset_warnings()``: ``{(call site, cause): count}``, the call
+    site being ``"file:line"`` of the first frame outside bilevel."""
+    return dict(_COUNTS)
+
+
+def reset_warnings() -> None:
+    """Forget the counts, so that every cause warns again on its next occurrence."""
+    _COUNTS.clear()
+
+
+def _user_frame() -> tuple[str, int]:
+    """``("file:line", stacklevel)`` of the first frame outside bilevel, seen from ``_warn_counted``."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)).startswith(_BILEVEL_DIR):
+        frame, level = frame.f_back, level + 1
+    return ("?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"), level
+
+
+def _warn_counted(cause: str, message: str, category: type = None) -> None:
+    """Warn once per call site and cause, then again at the 10th, 100th, 1000th ... occurrence with the count, so a
+    training loop gets a handful of lines; every occurrence is counted in ``warning_counts()``."""
+    site, level = _user_frame()
+    _COUNTS[site, cause] += 1
+    n = _COUNTS[site, cause]
+    if n == 1 or math.log10(n).is_integer():
+        suffix = "" if n == 1 else f" [{n}th time here]"
+        warnings.warn(message + suffix, category or NonConvergenceWarning, stacklevel=level)
+
+
 def _tasks(mask: torch.Tensor) -> str:
     mask = mask.reshape(-1)
-    bad = mask.nonzero().reshape(-1).tolist()
     if mask.numel() == 1:
         return "the task"
-    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
-    return f"{len(bad)}/{mask.numel()} tasks (index {shown})"
+    return f"{int(mask.sum())}/{mask.numel()} tasks"
 
 
 def _worst(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -43,11 +81,35 @@ def _worst(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def _policy(policy: str, error: type, message: str):
+    """The raise / warn / ignore policy of ``bilevel.root_find`` and ``bilevel.layers`` (one warning per call)."""
     if policy == "raise":
         raise error(message)
     if policy == "warn":
         warnings.warn(message, NonConvergenceWarning if error is NonConvergenceError else RuntimeWarning,
                       stacklevel=4)
+
+
+def _linear_problem(solver, info: SolveInfo, bad: torch.Tensor) -> tuple[str, str]:
+    """``(cause, message)`` for an unconverged adjoint solve: the fix first, then what happened."""
+    base = getattr(solver, "solver", solver)  # IMAMLSystem wraps a Krylov solver
+    name = type(base).__name__
+    worst = _worst(info.residual, bad)
+    diverged = info.diverged if isinstance(info.diverged, torch.Tensor) else torch.zeros_like(bad)
+    what = f"the adjoint solve {name} did not converge on"
+    if bool((diverged & bad).any()):
+        if isinstance(base, Neumann):
+            curv = info.curvature.reshape(-1)[(diverged & bad).reshape(-1)]
+            curv = curv[torch.isfinite(curv)]
+            bound = f"alpha < {2 / float(curv.max()):.3g}" if curv.numel() else "a smaller alpha"
+            return "diverged", (f"Use {bound} or CG/MINRES: {what} {_tasks(diverged & bad)}: the Neumann series "
+                                f"diverged (residual {worst:.3g}).")
+        return "diverged", (f"Add damping or use MINRES(): {what} {_tasks(diverged & bad)}: the residual grew to "
+                            f"{worst:.3g}.")
+    if bool((info.indefinite & bad).any()):
+        return "indefinite", (f"Add damping or use MINRES()/TruncatedCG(): {what} {_tasks(info.indefinite & bad)}: "
+                              f"negative curvature (residual {worst:.3g}).")
+    hint = {"Neumann": "More steps or a smaller alpha (alpha < 2/L)", "CG": "More steps, or damping > 0"}
+    return "unconverged", f"{hint.get(name, 'More steps or a looser tol')}: {what} {_tasks(bad)} (residual {worst:.3g})."
 
 
 def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite: str = "raise",
@@ -57,49 +119,56 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
 
     Which convergence matters depends on the method: the implicit ones need ``F(w*) ≈ 0`` and a converged adjoint
     solve; ``Unrolled``, ``Forward``, ``FirstOrder`` and ``Reptile`` differentiate (or approximate) the finite
-    computation, so for them only non-finite values are errors.
+    computation, so for them only non-finite values are errors. Warnings are short, name the fix first, and come
+    once per call site and cause (then at the 10th, 100th ... time, with the count); the numbers behind them are in
+    ``Hypergrad.inner_info`` / ``linear_info``. Tasks dropped by ``on_nonfinite="skip_task"`` (``out.kept``) are
+    reported as such and not judged otherwise.
     """
-    for name, value in (("on_nonconvergence", on_nonconvergence), ("on_nonfinite", on_nonfinite)):
-        if value not in POLICIES:
-            raise ValueError(f"{name}={value!r}: must be one of {POLICIES}.")
-    call = repr(method)
+    if on_nonconvergence not in POLICIES:
+        raise ValueError(f"on_nonconvergence={on_nonconvergence!r}: must be one of {POLICIES}.")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}: must be one of {NONFINITE_POLICIES}.")
+    name = type(method).__name__
+    kept = out.kept if out.kept is not None else None
+    if kept is not None:
+        if not bool(kept.any()):
+            raise NonFiniteError(f"{name}: the hypergradient of every task ({kept.numel()}) is NaN or inf; nothing "
+                                 "to average. Likely fixes: a smaller inner lr, damping for the adjoint solve, or "
+                                 "float64.")
+        if not bool(kept.all()):
+            _warn_counted("skipped", f"Smaller inner lr or damping: skipped {_tasks(~kept)} with a non-finite "
+                                     f"hypergradient (count in Hypergrad.dropped).", RuntimeWarning)
+    sel = (lambda m: m & kept) if kept is not None else (lambda m: m)  # noqa: E731
     grad_bad = ~torch.stack([torch.isfinite(g).all() for g in out.grad.values()]).all()
-    loss_bad = ~torch.isfinite(out.outer_loss)
-    inner_bad = out.inner_info.nonfinite
-    linear_bad = out.linear_info.nonfinite if out.linear_info is not None else torch.zeros_like(inner_bad)
+    loss_bad = sel(~torch.isfinite(out.outer_loss)) if out.outer_loss.dim() else ~torch.isfinite(out.outer_loss)
+    inner_bad = sel(out.inner_info.nonfinite)
+    linear_bad = sel(out.linear_info.nonfinite) if out.linear_info is not None else torch.zeros_like(inner_bad)
     if bool(grad_bad | loss_bad.any() | inner_bad.any() | linear_bad.any()):
         where = "; ".join(f"{w} ({_tasks(m)})" for w, m in
                           (("the inner solve", inner_bad), ("the adjoint linear solve", linear_bad),
                            ("the outer loss", loss_bad)) if bool(m.any())) or "the hypergradient"
-        _policy(on_nonfinite, NonFiniteError,
-                f"{call}: the hypergradient is not finite: NaN or inf in {where}. Likely fixes: a smaller inner "
-                "learning rate or fewer inner steps (divergence), damping for the adjoint solve, a smaller Neumann "
-                "alpha, or float64.")
+        message = (f"{name}: the hypergradient is not finite: NaN or inf in {where}. Likely fixes: a smaller inner "
+                   "learning rate or fewer inner steps (divergence), damping for the adjoint solve, a smaller Neumann "
+                   "alpha, float64, or on_nonfinite='skip_task' in meta_grad.")
+        if on_nonfinite in ("raise", "skip_task"):  # skip_task got here: no task to drop it from
+            raise NonFiniteError(message)
+        if on_nonfinite == "warn":
+            _warn_counted("nonfinite", message, RuntimeWarning)
         return False
-    problems = []
+    problems = []  # (cause, message)
     if getattr(method, "linear_solver", None) is not None:  # implicit methods rely on both solves
         info: SolveInfo = out.inner_info
-        bad = ~info.converged
+        bad = sel(~info.converged)
         if bool(bad.any()):
-            problems.append(
-                f"the inner solve did not converge on {_tasks(bad)}: ||F(w)|| = {_worst(info.residual, bad):.3g} > "
-                f"solver tol {solver_tol}, so the implicit hypergradient (that of the exact solution) is "
-                "approximate. Likely fixes: more inner steps, a larger inner lr, a positive solver tol that the "
-                "budget can reach, or Unrolled() to differentiate the finite computation.")
+            problems.append(("inner", f"More inner steps or a larger inner lr: the inner solve did not converge on "
+                                      f"{_tasks(bad)} (gradient norm {_worst(info.residual, bad):.3g})."))
         linfo: SolveInfo = out.linear_info
-        bad = ~linfo.converged
+        bad = sel(~linfo.converged)
         if bool(bad.any()):
-            solver = method.linear_solver
-            hint = "more steps"
-            if bool(linfo.indefinite.any()):
-                hint = (f"CG met negative curvature on {_tasks(linfo.indefinite)}: the system is indefinite (a "
-                        "Hessian away from a minimum); add damping > 0, or use GMRES()")
-            elif isinstance(solver, Neumann):
-                hint = "more steps, or a smaller alpha (the series converges only for alpha < 2/L)"
-            elif isinstance(solver, CG):
-                hint = "more steps, or damping > 0"
-            problems.append(f"the adjoint linear solve {solver!r} did not converge on {_tasks(bad)}: relative "
-                            f"residual {_worst(linfo.residual, bad):.3g}. Likely fix: {hint}.")
-    if problems:
-        _policy(on_nonconvergence, NonConvergenceError, f"{call}: " + " Also, ".join(problems))
+            problems.append(_linear_problem(method.linear_solver, linfo, bad))
+    if problems and on_nonconvergence == "raise":
+        raise NonConvergenceError(f"{name}: " + " Also: ".join(message for _, message in problems))
+    if on_nonconvergence == "warn":
+        for cause, message in problems:
+            _warn_counted(cause, message)
     return not problems

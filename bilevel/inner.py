@@ -3,16 +3,19 @@
 Every solver is a frozen dataclass with optax's shape, ``init(params) -> state`` and
 ``update(grads, state, params, hparams) -> (params, state)``, written out of place with ``torch.func.grad`` so
 that ``Unrolled`` and ``Forward`` can differentiate through it and ``vmap`` can batch it over tasks.
-``solver(inner_loss, params0, hparams, batch) -> (params, SolveInfo)`` runs a fixed budget of ``steps``; with
-``tol > 0`` a masked early stop freezes a task once ``||∇_w inner_loss|| <= tol`` (no ``.item()``, no Python
-branch on a tensor, so it stays vmap-safe and every task in a batch runs the same number of iterations).
+``solver(inner_loss, params0, hparams, batch) -> (params, SolveInfo)`` runs a fixed budget of ``steps``.
+Convergence: ``||∇_w inner_loss(w)|| <= tol`` (absolute) or ``<= rtol · ||∇_w inner_loss(w0)||`` (relative to
+the start). With neither given (the default) it is judged once, at the end, at ``rtol = default_tol`` of the dtype,
+and the loop does no norm or finiteness work per step (the speed of MAML's short inner loops). An explicit ``tol``
+or ``rtol`` adds a masked early stop that freezes a task once reached (no ``.item()``, no Python branch on a
+tensor, so it stays vmap-safe and every task in a batch runs the same number of iterations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
@@ -20,7 +23,7 @@ from torch.func import grad
 from .tree import pytree
 
 from . import tree
-from .types import HParams, LossFn, Params, SolveInfo
+from .types import HParams, LossFn, Params, SolveInfo, default_tol
 
 Rate = Union[float, str]
 """A step size: a number, or the name of an ``hparams`` entry (a learned inner learning rate)."""
@@ -36,18 +39,23 @@ class InnerSolver:
 
     Args:
         steps: number of iterations (the budget; >= 0).
-        tol: early-stop tolerance on the gradient norm; 0 disables the stop (every step runs).
+        tol: absolute gradient norm at which a task stops early and counts as converged (0: never).
+        rtol: the same relative to the gradient norm at the start. With neither, convergence is judged at the end
+            at ``rtol = default_tol`` of the dtype, with no early stop.
     """
 
     steps: int
-    tol: float = 0.0
+    tol: Optional[float] = None
+    rtol: Optional[float] = None
 
     def __post_init__(self):
         name = type(self).__name__
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"{name}(steps={self.steps!r}): steps must be a non-negative int.")
-        if not self.tol >= 0:
-            raise ValueError(f"{name}(tol={self.tol!r}): tol must be >= 0 (0 disables the early stop).")
+        for key in ("tol", "rtol"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name}({key}={value!r}): {key} must be None (no early stop) or >= 0.")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name in ("lr", "momentum", "eps") and isinstance(v, (int, float)) and v < 0:
@@ -70,36 +78,54 @@ class InnerSolver:
         Resuming from a returned ``(params, state, info)`` continues the same trajectory, which is how
         ``Unrolled(truncate=K)`` splits the budget into a detached head and a differentiated tail.
 
-        ``info.residual`` is the gradient norm at the last iterate where the gradient was evaluated: the returned
-        params themselves once converged, the iterate one step earlier otherwise.
+        ``info.residual`` is the gradient norm at the last iterate where the gradient was evaluated: the
+        returned params themselves once converged, the iterate one step earlier otherwise. ``info.scale`` is the
+        gradient norm at the start (NaN when no step ran).
         """
         steps = self.steps if steps is None else steps
         state = self.init(params) if state is None else state
         grad_fn = grad(inner_loss)
         ref = next(iter(params.values()))
-        if info is None:
+        if info is None or not isinstance(info.scale, torch.Tensor):
             info = SolveInfo(steps=ref.new_zeros((), dtype=torch.long), residual=ref.new_full((), float("inf")),
                              converged=ref.new_zeros((), dtype=torch.bool),
                              nonfinite=ref.new_zeros((), dtype=torch.bool),
-                             indefinite=ref.new_zeros((), dtype=torch.bool))
-        count, gnorm, done, bad = info[:4]
+                             indefinite=ref.new_zeros((), dtype=torch.bool),
+                             diverged=ref.new_zeros((), dtype=torch.bool),
+                             curvature=ref.new_full((), float("nan")), scale=ref.new_full((), float("nan")))
+        count, residual, done, bad = info[:4]
+        scale = info.scale  # a resumed run keeps the scale of the first start
+        early = self.tol is not None or self.rtol is not None  # static: per-step norms and masks only if asked
+        tol = -1.0 if self.tol is None else self.tol
+        rtol = (-1.0 if early else default_tol(ref.dtype)) if self.rtol is None else self.rtol
         # outside vmap a converged solve can simply stop (the masked steps would change nothing); checked every
         # few steps because the check is a host sync
-        can_stop = self.tol > 0 and not _under_vmap()
+        can_stop = early and (tol > 0 or rtol > 0) and not _under_vmap()
         for step in range(steps):
             if can_stop and step % 8 == 0 and bool(done):
                 break
             g = grad_fn(params, hparams, batch)
-            gnorm = tree.norm(g).detach()
-            bad = bad | ~torch.isfinite(gnorm)
+            if early or step == 0 or step == steps - 1:
+                gnorm = tree.norm(g).detach()
+                if step == 0:
+                    scale = torch.where(torch.isnan(scale), gnorm, scale)
+                residual = gnorm
             new_params, new_state = self.update(g, state, params, hparams)
-            if self.tol > 0:  # a static choice: the masked stop costs a where() per tensor, skip it when unused
-                done = done | (gnorm <= self.tol)
+            if early:
+                bad = bad | ~torch.isfinite(gnorm)
+                done = done | (residual <= tol) | (residual <= rtol * scale)
                 new_params, new_state = tree.where(done, params, new_params), _where(done, state, new_state)
+                count = count + (~done).long()
             params, state = new_params, new_state
-            count = count + (~done).long()
+        if not early and steps:
+            count = count + steps
+            done = (residual <= tol) | (residual <= rtol * scale)
+        if steps and not early:
+            bad = bad | ~torch.isfinite(residual)
         bad = bad | ~tree.all_finite(params)
-        return params, state, SolveInfo(count, gnorm, done, bad, info.indefinite)
+        done = done & ~bad
+        return params, state, SolveInfo(count, residual, done, bad, info.indefinite, info.diverged, info.curvature,
+                                        scale)
 
 
 def _under_vmap() -> bool:
@@ -123,7 +149,8 @@ class GradientDescent(InnerSolver):
 
     Args:
         lr: step size η, a number or the name of an ``hparams`` entry.
-        steps, tol: see ``InnerSolver``.
+        steps: see ``InnerSolver``.
+        tol: see ``InnerSolver``.
         momentum: μ.
         nesterov: use the Nesterov form.
 

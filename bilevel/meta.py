@@ -9,7 +9,7 @@ from torch.func import vmap
 from .tree import pytree
 
 from . import tree
-from .diagnostics import check
+from .diagnostics import NONFINITE_POLICIES, check
 from .methods import Problem
 from .types import Batch, HParams, Hypergrad, Params
 
@@ -64,24 +64,30 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     """The mean hypergradient over a meta-batch of tasks stacked along dim 0 of every batch tensor.
 
     The outer gradient is always taken per task and then averaged (``vmap(grad)``, never ``grad(vmap)``): the
-    latter is wrong through training-mode batch norm in torch.func (``shared/repro/bn_vmap_grad.py``).
+    latter is wrong through training-mode batch norm in torch.func (``shared/repro/bn_vmap_grad.py``). The
+    arguments not listed below are as in ``hypergrad``.
 
     Args:
         inner_batches, outer_batches: pytrees of tensors with a leading task dimension T.
         params0: an optional per-task start, stacked along dim 0.
-        batching: ``"loop"`` runs the tasks one after another (lowest memory; on CPU also the fastest for the
-            conv4 Omniglot network); ``"vmap"`` vectorises them with ``torch.func.vmap`` (faster on accelerators
-            for small models), ``chunk_size`` tasks at a time (``None`` = all).
-        other arguments: as ``hypergrad``.
+        batching: ``"loop"`` runs the tasks one after another, adding each task's hypergradient to a running sum
+            as it finishes (lowest memory; on CPU also the fastest for the conv4 Omniglot network); ``"vmap"``
+            vectorises them with ``torch.func.vmap`` (faster on accelerators for small models), ``chunk_size``
+            tasks at a time (``None`` = all).
+        on_nonfinite: as ``hypergrad``, or ``"skip_task"``: leave the tasks whose hypergradient, outer loss or
+            solves are not finite out of the mean, count them in ``Hypergrad.dropped`` (and warn); all tasks
+            failing is still a ``NonFiniteError``.
 
     Returns:
-        A ``Hypergrad`` whose ``grad`` and ``outer_loss`` are means over tasks while ``params``,
+        A ``Hypergrad`` whose ``grad`` and ``outer_loss`` are means over the (kept) tasks while ``params``,
         ``inner_info`` and ``linear_info`` keep the task dimension.
     """
     if batching not in BATCHING:
         raise ValueError(f"meta_grad(batching={batching!r}): must be one of {BATCHING}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"meta_grad(chunk_size={chunk_size!r}): must be None or a positive int.")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"meta_grad(on_nonfinite={on_nonfinite!r}): must be one of {NONFINITE_POLICIES}.")
     leaves = [(name, x) for name, value in (("inner_batches", inner_batches), ("outer_batches", outer_batches),
                                             ("params0", params0)) for x in pytree.tree_leaves(value)
               if isinstance(x, torch.Tensor)]
@@ -91,26 +97,63 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         raise ValueError(f"meta_grad: every tensor in inner_batches, outer_batches (and params0) needs the same "
                          f"leading task dimension; got {shapes or 'no tensors'}.")
     (num_tasks,) = sizes
+    if num_tasks == 0:
+        raise ValueError("meta_grad: the meta-batch has 0 tasks (leading dimension 0); pass at least one task.")
     if params0 is not None:
         _validate("meta_grad", problem, hparams, {k: v[0] for k, v in params0.items()})
     else:
         _validate("meta_grad", problem, hparams, None)
+    skip = on_nonfinite == "skip_task"
 
     def per_task(inner_batch, outer_batch, start):
         out = method(problem, hparams, inner_batch, outer_batch, start)
         # vmap returns tensors only: an absent linear_info travels as an empty tuple
-        return out if out.linear_info is not None else out._replace(linear_info=())
+        return out._replace(linear_info=() if out.linear_info is None else out.linear_info, dropped=(), kept=())
 
+    def finite(out) -> torch.Tensor:  # one task (or a stack of them): everything finite
+        flags = [torch.isfinite(out.outer_loss), ~out.inner_info.nonfinite]
+        flags += [~out.linear_info.nonfinite] if len(out.linear_info) else []
+        flags += [torch.isfinite(g).flatten(out.outer_loss.dim()).all(-1) for g in out.grad.values()]
+        return torch.stack(flags).all(0)
+
+    kept = dropped = None
     if batching == "vmap":
         in_dims = (0, 0, None if params0 is None else 0)
         out = vmap(per_task, in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
             inner_batches, outer_batches, params0)
+        if skip:
+            kept = finite(out)
+            count = kept.sum().clamp(min=1).to(out.outer_loss.dtype)
+            mean = lambda x: torch.where(kept.reshape((-1,) + (1,) * (x.dim() - 1)), x, 0).sum(0) / count  # noqa
+        else:
+            mean = lambda x: x.mean(0)  # noqa: E731
+        out = out._replace(grad={k: mean(v) for k, v in out.grad.items()}, outer_loss=mean(out.outer_loss))
     else:
+        # the mean accumulates as tasks finish; only the small per-task parts (params, SolveInfo) are stacked
         take = lambda value, i: pytree.tree_map(lambda x: x[i], value)  # noqa: E731
-        outs = [per_task(take(inner_batches, i), take(outer_batches, i),
-                         None if params0 is None else take(params0, i)) for i in range(num_tasks)]
-        out = pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-    out = out._replace(grad={k: v.mean(0) for k, v in out.grad.items()}, outer_loss=out.outer_loss.mean(0),
-                       linear_info=out.linear_info or None)
+        total, losses, rest, oks = None, [], [], []
+        for i in range(num_tasks):
+            out = per_task(take(inner_batches, i), take(outer_batches, i),
+                           None if params0 is None else take(params0, i))
+            grad, loss = out.grad, out.outer_loss
+            if skip:
+                ok = finite(out)
+                oks.append(ok)
+                grad = {k: torch.where(ok, g, 0) for k, g in grad.items()}
+                loss = torch.where(ok, loss, 0)
+            total = {k: g.clone() for k, g in grad.items()} if total is None else \
+                {k: total[k].add_(g) for k, g in grad.items()}
+            losses.append(loss)
+            rest.append((out.params, out.inner_info, out.linear_info))
+        params, inner_info, linear_info = pytree.tree_map(lambda *xs: torch.stack(xs), *rest)
+        count = num_tasks
+        if skip:
+            kept = torch.stack(oks)
+            count = kept.sum().clamp(min=1).to(losses[0].dtype)
+        out = Hypergrad({k: v / count for k, v in total.items()}, torch.stack(losses).sum(0) / count, params,
+                        inner_info, linear_info)
+    if skip:
+        dropped = (~kept).sum()
+    out = out._replace(linear_info=out.linear_info or None, dropped=dropped, kept=kept)
     check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
     return out

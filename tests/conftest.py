@@ -16,4 +16,6 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+    from bilevel.diagnostics import reset_warnings
+    reset_warnings()  # warnings come once per call site and cause: every test starts afresh
     yield

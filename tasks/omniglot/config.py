@@ -69,6 +69,13 @@ class MethodConfig:
     cg_steps: int = 5                      # imaml: conjugate-gradient steps
     neumann_steps: int = 20                # neumann: series terms
     neumann_alpha: float = 0.1             # neumann: step of the series (below 1 / largest Hessian eigenvalue)
+    system: str = "paper"                  # imaml: paper ((I + H/reg) v = g) | reference (the authors' code:
+                                           # ((1 + coef) I + H/(reg + lam_damping)) v = g)
+    solver: str = "cg"                     # imaml: cg | truncated_cg | minres | gmres (the adjoint Krylov method)
+    damping: float = 0.0                   # imaml: added to the diagonal of the adjoint system
+    tol: Optional[float] = None            # imaml, neumann: adjoint relative residual; None: sqrt(eps) of the dtype
+    coef: float = 1.0                      # imaml reference system: the code's --cg_damping (regu_coef)
+    lam_damping: float = 10.0              # imaml reference system: lam_damping
 
 
 @dataclass
@@ -82,7 +89,8 @@ class MetaConfig:
     chunk_size: Optional[int] = None       # vmap chunk size
     on_nonconvergence: str = "warn"        # ignore | warn | raise; implicit methods only (fixed-budget inner loops
                                            # and adjoint solves that miss tol); the fraction is logged either way
-    on_nonfinite: str = "raise"            # ignore | warn | raise
+    on_nonfinite: str = "raise"            # ignore | warn | raise | skip_task (drop a task with a non-finite
+                                           # hypergradient, average the rest; the count is logged as "dropped")
     on_divergence: str = "raise"           # raise | warn | ignore: loss far above a uniform guess, accuracy at
                                            # chance after warm-up, mostly skipped steps (non-finite or exploded
                                            # weights always stop the run; see docs/failure-modes.md)
@@ -173,6 +181,12 @@ def validate(cfg: DictConfig) -> None:
     _check(m.truncate is None or m.truncate >= 1, "method.truncate must be None or >= 1.")
     _check(m.reg > 0 and m.cg_steps >= 1, "method.reg must be > 0 and method.cg_steps >= 1.")
     _check(m.neumann_steps >= 1 and m.neumann_alpha > 0, "method.neumann_steps >= 1, method.neumann_alpha > 0.")
+    _check(m.system in ("paper", "reference"), f"method.system={m.system!r}; use paper or reference.")
+    _check(m.solver in ("cg", "truncated_cg", "minres", "gmres"),
+           f"method.solver={m.solver!r}; use cg, truncated_cg, minres or gmres.")
+    _check(m.damping >= 0 and (m.tol is None or m.tol >= 0) and m.coef >= 0 and m.lam_damping >= 0,
+           "method.damping, method.tol, method.coef and method.lam_damping must be >= 0.")
+    _check(not (m.solver == "gmres" and m.damping), "method.damping needs method.solver=cg, truncated_cg or minres.")
     mc = cfg.meta
     _check(mc.batch >= 1 and mc.steps >= 1 and mc.lr > 0, "meta.batch, meta.steps and meta.lr must be positive.")
     _check(mc.optimizer in ("adam", "sgd"), f"meta.optimizer={mc.optimizer!r}; use adam or sgd.")
@@ -180,7 +194,8 @@ def validate(cfg: DictConfig) -> None:
     _check(mc.batching in ("loop", "vmap"), f"meta.batching={mc.batching!r}; use loop or vmap.")
     _check(mc.chunk_size is None or mc.chunk_size >= 1, f"meta.chunk_size={mc.chunk_size}; use null or >= 1.")
     for key in ("on_nonconvergence", "on_nonfinite", "on_divergence"):
-        _check(mc[key] in ("ignore", "warn", "raise"), f"meta.{key}={mc[key]!r}; use ignore, warn or raise.")
+        allowed = ("ignore", "warn", "raise") + (("skip_task",) if key == "on_nonfinite" else ())
+        _check(mc[key] in allowed, f"meta.{key}={mc[key]!r}; use {', '.join(allowed)}.")
     e = cfg.eval
     _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
            "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")

@@ -74,9 +74,10 @@ def make_method(cfg: DictConfig, model: Conv4):
     method = {
         "maml": lambda: bl.Unrolled(truncate=m.truncate),
         "fomaml": lambda: bl.FirstOrder(),
-        "imaml": lambda: bl.imaml(reg=m.reg, cg_steps=m.cg_steps),
+        "imaml": lambda: bl.imaml(reg=m.reg, cg_steps=m.cg_steps, damping=m.damping, tol=m.tol, system=m.system,
+                                  solver=m.solver, coef=m.coef, lam_damping=m.lam_damping),
         "reptile": lambda: bl.Reptile(),
-        "neumann": lambda: bl.neumann(steps=m.neumann_steps, alpha=m.neumann_alpha),
+        "neumann": lambda: bl.neumann(steps=m.neumann_steps, alpha=m.neumann_alpha, tol=m.tol),
     }[m.name]()
     return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver
 
@@ -163,7 +164,8 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
     out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
                        chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
-                       on_nonfinite="ignore")  # applied after the (all-)reduce, on every rank together
+                       # applied after the (all-)reduce, on every rank together; skip_task drops tasks here
+                       on_nonfinite="skip_task" if cfg.on_nonfinite == "skip_task" else "ignore")
     with torch.no_grad():
         acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
     return out.grad, out.outer_loss.detach(), acc, out
@@ -176,7 +178,16 @@ def unconverged_fraction(out) -> torch.Tensor:
     return (~out.linear_info.converged).double().mean()
 
 
+def adjoint_residual(out) -> torch.Tensor:
+    """Median relative residual of the tasks' adjoint solves (implicit methods; 0 for the others)."""
+    if out.linear_info is None:
+        return torch.zeros(())
+    return out.linear_info.residual.double().median()
+
+
 def _nonfinite(grad, out) -> torch.Tensor:
+    if out.kept is not None:  # skip_task: meta_grad already left the non-finite tasks out of the mean
+        return torch.stack([~torch.isfinite(g).all() for g in grad.values()]).any()
     flags = [out.inner_info.nonfinite.any(), ~torch.isfinite(out.outer_loss)]
     if out.linear_info is not None:
         flags.append(out.linear_info.nonfinite.any())
@@ -273,7 +284,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
     hparams = work.model.init_params()
     initial_norm = weights_norm(hparams)   # the seed's initialisation, also on resume: for the explosion check
     opt = make_optimizer(cfg, hparams)
-    history = {"step": [], "loss": [], "acc": [], "unconverged": [], "val_step": [], "val_acc": [], "val_ci": [],
+    history = {"step": [], "loss": [], "acc": [], "unconverged": [], "residual": [], "dropped": [],
+               "val_step": [], "val_acc": [], "val_ci": [],
                "val_time": [], "val_cpu": [], "skipped": [], "divergence": []}
     start, elapsed, cpu, wandb_id = 0, 0.0, 0.0, None
     if cfg.run.resume and ckpt_path.is_file():
@@ -294,6 +306,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
         for key in ("val_time", "val_cpu"):      # checkpoints from before these curves
             history.setdefault(key, [float("nan")] * len(history["val_step"]))
         history.setdefault("unconverged", [0.0] * len(history["step"]))  # checkpoints from before this metric
+        history.setdefault("residual", [0.0] * len(history["step"]))
+        history.setdefault("dropped", [0.0] * len(history["step"]))
         history.setdefault("skipped", [])
         history.setdefault("divergence", [])
     elif cfg.run.resume and ctx.is_main:
@@ -323,7 +337,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
         tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
         tasks = Tasks(*(t.to(work.device) for t in tasks))
         grad, loss, acc, out = meta_step(work, hparams, tasks)
-        metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out)}
+        metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out),
+                   "residual": adjoint_residual(out), "dropped": 0 if out.dropped is None else out.dropped}
         grad, metrics = ctx.all_reduce_mean(grad, metrics, nonfinite=_nonfinite(grad, out))
         if grad is not None:  # None: a non-finite hypergradient somewhere, the step is skipped on every rank
             for group in opt.param_groups:
@@ -334,7 +349,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
         else:
             history["skipped"].append(step + 1)
         history["step"].append(step + 1)
-        for name in ("loss", "acc", "unconverged"):
+        for name in ("loss", "acc", "unconverged", "residual", "dropped"):
             history[name].append(metrics[name])
         check_step(cfg, history, hparams, initial_norm, ckpt_path)   # before anything is validated or saved
         bar.update(1)
@@ -381,6 +396,9 @@ def _main(cfg: DictConfig, data=None) -> dict:
             "train_wall_time_s": round(elapsed, 1),
             "adjoint_unconverged_fraction": (sum(history["unconverged"]) / len(history["unconverged"])
                                              if history["unconverged"] else 0.0),
+            "adjoint_median_residual": (float(torch.tensor(history["residual"]).median())
+                                        if history["residual"] else 0.0),
+            "dropped_tasks": sum(history["dropped"]),  # meta.on_nonfinite=skip_task (summed over ranks' means)
             "skipped_steps": history["skipped"], "divergence": history["divergence"],
             "final_val": ({"step": history["val_step"][-1], "accuracy": history["val_acc"][-1],
                            "ci95": history["val_ci"][-1]} if history["val_step"] else None),
