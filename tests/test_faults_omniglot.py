@@ -422,3 +422,27 @@ def test_labels_given_as_a_tensor_name_classes_by_value(small, clf):
     x, y = _support(small)
     task = clf.adapt(x, torch.tensor(y))
     assert task.classes == [0, 1, 2] and task.params["head.weight"].shape[0] == 3
+
+
+def test_two_runs_started_together_in_one_folder_one_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    claim = ("import sys, time\n"
+             "from tasks.omniglot.run_folder import RunFolder, RunFolderError\n"
+             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+             "try:\n"
+             "    folder = RunFolder(sys.argv[1])\n"
+             "except RunFolderError as err:\n"
+             "    print('refused:', err)\n"
+             "    sys.exit(0)\n"
+             "print('claimed')\n"
+             "time.sleep(1.5)\n"
+             "folder.release()\n")
+    repo = Path(train.__file__).resolve().parents[2]
+    at = str(__import__("time").time() + 1.5)   # both start at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", claim, str(tmp_path), at], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(repo))) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outputs[0] == "claimed" and outputs[1].startswith("refused:") and "in use by pid" in outputs[1]
+    assert not (tmp_path / "run.lock").exists()

@@ -200,7 +200,10 @@ def _open_zip(name: str, root: Path, archive: Path, allow_download: bool) -> zip
         raise ValueError(f"{problem}; replace it with the official file"
                          f"{' or set data.download=true to fetch a verified copy' if name in OFFICIAL else ''}.")
     warnings.warn(f"{problem}; replacing it by a verified download.", RuntimeWarning, stacklevel=3)
-    return zipfile.ZipFile(download(name, root))
+    try:
+        return zipfile.ZipFile(download(name, root))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{problem}, and no verified copy could be downloaded: {err}") from None
 
 
 def _read_cache(path: Path, characters: list[str], size: int, fingerprint: str) -> OmniglotImages | None:

@@ -139,7 +139,8 @@ class RunFolder:
 
     def _take_over_if_stale(self) -> None:
         try:
-            holder = json.loads(self.lock.read_text())
+            text = self.lock.read_text()
+            holder = json.loads(text)
             pid, host, started = int(holder["pid"]), str(holder["host"]), holder.get("started", "?")
         except FileNotFoundError:
             return   # released meanwhile; try again
@@ -147,6 +148,12 @@ class RunFolder:
             raise RunFolderError(f"run folder {self.path} holds an unreadable lock {self.lock}; if no run is using "
                                  f"the folder, delete that file.") from None
         if host == _host() and (pid == os.getpid() or not _alive(pid)):
+            # Delete only the lock judged stale: if another start took it over meanwhile, its content differs.
+            try:
+                if self.lock.read_text() != text:
+                    return
+            except FileNotFoundError:
+                return
             print(f"note: {self.lock} was held by pid {pid} (started {started}), which is no longer running; "
                   f"taking it over.", file=sys.stderr)
             self.lock.unlink(missing_ok=True)
