@@ -1,0 +1,194 @@
+"""Sinusoid workload: the task distribution, that training learns, exact resume, every method runs, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import bilevel as bl
+
+from tasks.sinusoid import train
+from tasks.sinusoid.config import load_config
+from tasks.sinusoid.sampler import SinusoidSampler
+
+FAST = ["run.progress=false", "eval.every=0", "eval.test_tasks=50", "eval.val_tasks=10", "run.checkpoint_every=0"]
+
+
+def config(tmp_path, name="maml", *overrides):
+    return load_config(name, FAST + [f"run.dir={tmp_path}"] + list(overrides))
+
+
+def test_sampler_draws_the_reference_distribution():
+    tasks = SinusoidSampler(shots=10, queries=10, seed=3).sample(0, 2000)
+    a, p, x = tasks.amplitude.double(), tasks.phase.double(), torch.cat([tasks.support_x, tasks.query_x], 1).double()
+    assert a.min() >= 0.1 and a.max() <= 5.0 and p.min() >= 0 and p.max() <= math.pi
+    assert x.min() >= -5 and x.max() <= 5 and x.shape == (2000, 20, 1)
+    # uniform moments: mean and variance within ~5 standard errors of U[low, high]
+    for values, low, high in ((a, 0.1, 5.0), (p, 0.0, math.pi), (x.flatten(), -5.0, 5.0)):
+        n, var = values.numel(), (high - low) ** 2 / 12
+        assert abs(values.mean() - (low + high) / 2) < 5 * math.sqrt(var / n)
+        assert abs(values.var() - var) < 5 * var * math.sqrt(0.8 / n)  # var of a uniform's sample variance
+    y = torch.cat([tasks.support_y, tasks.query_y], 1).double()
+    torch.testing.assert_close(y, a[:, None, None] * torch.sin(x - p[:, None, None]), atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_is_stateless_and_ignores_the_global_rng():
+    sampler = SinusoidSampler(seed=1)
+    torch.manual_seed(0)
+    whole = sampler.sample(7, 6)
+    torch.manual_seed(123)
+    torch.rand(10)
+    part = sampler.sample(7, 2, start=4)  # tasks 4, 5 of meta-step 7, whatever was drawn before
+    for w, p in zip(whole, part):
+        torch.testing.assert_close(w[4:], p, rtol=0, atol=0)
+    assert not torch.equal(sampler.sample(8, 6).amplitude, whole.amplitude)
+    assert not torch.equal(SinusoidSampler(seed=2).sample(7, 6).amplitude, whole.amplitude)
+
+
+def zero_predictor_mse(tasks) -> float:
+    """MSE of predicting y = 0: the best a model that learnt nothing about the task family can do on average."""
+    return (tasks.query_y.double() ** 2).mean().item()
+
+
+def test_a_short_maml_run_beats_the_zero_predictor_and_its_initialisation(tmp_path):
+    cfg = config(tmp_path, "maml", "meta.steps=200", "meta.lr=0.003", "eval.test_tasks=200")
+    work = train.build(cfg)
+    before = train.evaluate(work, work.model.init_params(), "test", 200)
+    results = train.main(cfg)
+    after = results["test"]["steps"]["10"]["mean"]
+    baseline = zero_predictor_mse(work.samplers["test"].sample(0, 200))
+    assert baseline == pytest.approx(4.25, rel=0.15)  # E[A^2] E[sin^2] = 8.50 / 2 for the reference's ranges
+    assert after < 0.7 * baseline and after < 0.7 * before["steps"]["10"]["mean"]
+    assert results["test"]["steps"]["10"]["mean"] < results["test"]["steps"]["1"]["mean"]  # adaptation helps
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"] == results["test"] and saved["train_cpu_time_s"] >= 0 and saved["machine"]["cpus"]
+    assert {"command", "date", "config", "protocol"} <= set(saved)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 1 + 2  # 200 steps, log_every 100
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    common = ["meta.steps=12", "run.checkpoint_every=4", "meta.batch=4", "run.log_every=4"]
+    straight = train.main(config(tmp_path / "a", "reptile", *common, "inner.steps=2"))
+    real, calls = train.meta_step, {"n": 0}
+
+    def crash_after_nine(*args):
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "meta_step", crash_after_nine)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(config(tmp_path / "b", "reptile", *common, "inner.steps=2"))
+    monkeypatch.setattr(train, "meta_step", real)
+    resumed = train.main(config(tmp_path / "b", "reptile", *common, "inner.steps=2", "run.resume=true"))
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
+    for k in a["hparams"]:
+        torch.testing.assert_close(a["hparams"][k], b["hparams"][k], rtol=0, atol=0)
+    assert a["history"]["loss"] == b["history"]["loss"] and b["step"] == 12
+    assert resumed["test"] == straight["test"]
+
+
+def test_resume_refuses_a_different_method(tmp_path):
+    train.main(config(tmp_path, "maml", "meta.steps=2"))
+    with pytest.raises(ValueError, match="'method' section differs"):
+        train.main(config(tmp_path, "maml", "meta.steps=2", "method.name=fomaml", "run.resume=true"))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml", "neumann", "pretrain"])
+def test_every_shipped_config_takes_finite_meta_steps(tmp_path, name):
+    cfg = config(tmp_path, name, "meta.batch=3")
+    work = train.build(cfg)
+    hparams = work.model.init_params()
+    grad, metrics, out = train.meta_step(work, hparams, work.samplers["train"].sample(0, 3))
+    assert set(grad) == set(hparams) and all(torch.isfinite(g).all() for g in grad.values())
+    assert math.isfinite(metrics["loss"])
+    if name in ("imaml", "neumann"):  # the diagnostics read from inner_info / linear_info
+        assert 0 <= metrics["unconverged"] <= 1 and 0 <= metrics["indefinite"] <= 1
+        assert metrics["inner_relative"] < 0.1 and metrics["linear_residual"] < 0.5
+
+
+def test_the_imaml_config_gives_the_exact_implicit_gradient(tmp_path):
+    """CG-5 on the shipped iMAML problem agrees with a dense solve of the same adjoint system (float64)."""
+    work = train.build(config(tmp_path, "imaml", "model.hidden=[10,10]"))  # 141 weights: a cheap dense solve
+    theta = {k: v.detach().double() for k, v in work.model.init_params().items()}
+    task = work.samplers["train"].sample(0, 1)
+    support, query = [tuple(t[0].double() for t in pair) for pair in (task.support, task.query)]
+    cg = bl.hypergrad(work.method, work.problem, theta, support, query, on_nonconvergence="ignore")
+    dense = bl.hypergrad(bl.Implicit(bl.Dense()), work.problem, theta, support, query, on_nonconvergence="ignore")
+    flat = lambda g: torch.cat([v.reshape(-1) for v in g.values()])  # noqa: E731
+    cos = torch.nn.functional.cosine_similarity(flat(cg.grad), flat(dense.grad), dim=0)
+    assert cos > 0.999, cos
+
+
+def test_a_nonfinite_meta_step_is_skipped_and_counted(tmp_path):
+    cfg = config(tmp_path, "maml", "meta.steps=3", "inner.lr=1e30")  # the inner step overflows
+    results = train.main(cfg)
+    assert results["skipped_steps"] == 3
+    with pytest.raises(bl.NonFiniteError, match="meta.on_nonfinite=skip_step"):
+        train.main(config(tmp_path / "r", "maml", "meta.steps=3", "inner.lr=1e30", "meta.on_nonfinite=raise"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["method.name=anil"], "method.name='anil'; choose one of"),
+    (["inner.steps=3", "method.name=pretrain"], "inner.steps=3 with method.name=pretrain"),
+    (["inner.steps=0"], "maml needs at least one inner step"),
+    (["task.amplitude=[5.0,0.1]"], r"task.amplitude=\[5.0, 0.1\]"),
+    (["meta.batching=pmap"], "meta.batching='pmap'"),
+    (["eval.test_tasks=1"], "eval.test_tasks >= 2"),
+    (["method.reg=0"], "method.reg=0"),
+    (["meta.on_nonfinite=warn"], "meta.on_nonfinite='warn'; use skip_step or raise"),
+    (["inner.solver=lbfgs"], "inner.solver='lbfgs'; use gd, adam or scaled"),
+    (["inner.momentum=0.5", "inner.solver=adam"], "with inner.solver=gd only"),
+    (["task.shot=5"], "shot"),                      # unknown key, named
+    (["meta.steps=many"], "meta.steps"),            # wrong type, named
+    (["meta.steps"], "key=value"),
+])
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("maml", overrides)
+
+
+def test_an_unknown_config_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="available: .*imaml.*maml"):
+        load_config("mamll")
+    with pytest.raises(SystemExit, match="error: invalid config"):
+        train.cli(["--config", "maml", "method.name=nope"])
+
+
+def test_curvature_scaled_gd_solves_where_a_fixed_step_diverges():
+    """A strongly convex quadratic 0.5 wᵀAw − bᵀw + reg/2 ||w||² with eigenvalues of A up to 400: GD at lr 0.01
+    diverges (lr > 2/410), the curvature-scaled solver reaches the closed-form solution."""
+    from tasks.sinusoid.inner import CurvatureScaledGD
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(0.0, 400.0, 20, dtype=torch.float64)) @ q.T
+    b = torch.randn(20, dtype=torch.float64)
+    loss = lambda w, h, batch: 0.5 * w["x"] @ a @ w["x"] - b @ w["x"]  # noqa: E731
+    prox = bl.proximal(loss, 10.0)
+    theta = {"x": torch.zeros(20, dtype=torch.float64)}
+    exact = torch.linalg.solve(a + 10.0 * torch.eye(20, dtype=torch.float64), b)
+    # κ = 1.5 · 410 / 10 ≈ 62: the error contracts by about 1 − 1/√κ ≈ 0.87 a step, 1e-9 after 150 steps
+    w, _ = CurvatureScaledGD(reg=10.0, steps=150)(prox, dict(theta), theta, None)
+    assert torch.linalg.vector_norm(w["x"] - exact) < 1e-6 * torch.linalg.vector_norm(exact)
+    w, info = bl.GradientDescent(lr=0.01, steps=60)(prox, dict(theta), theta, None)
+    assert not torch.linalg.vector_norm(w["x"] - exact) < torch.linalg.vector_norm(exact)  # diverged
+    # vmap over tasks: one curvature estimate per task, the same answers as one by one
+    bs = torch.stack([b, 2 * b])
+    loss_b = lambda w, h, batch: 0.5 * w["x"] @ a @ w["x"] - batch @ w["x"]  # noqa: E731
+    solver = CurvatureScaledGD(reg=10.0, steps=150)
+    batched = torch.func.vmap(lambda batch: solver(bl.proximal(loss_b, 10.0), dict(theta), theta, batch)[0]["x"])(bs)
+    torch.testing.assert_close(batched[1], 2 * exact, rtol=1e-6, atol=1e-8)
+
+
+def test_curvature_scaled_gd_rejects_bad_settings():
+    from tasks.sinusoid.inner import CurvatureScaledGD
+
+    with pytest.raises(ValueError, match="need reg > 0"):
+        CurvatureScaledGD(reg=0.0, steps=5)
