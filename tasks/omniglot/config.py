@@ -102,6 +102,13 @@ class EvalConfig:
     val_tasks: int = 100                   # tasks per validation
     test_tasks: int = 600                  # tasks in the final test
     queries: Optional[int] = None          # query drawings per class at val/test; None: task.queries
+    sampling: Optional[str] = None         # classes of validation / test tasks: any | within_alphabet;
+                                           # None: task.sampling
+    weights: str = "best"                  # best: the weights of the best validation (best.pt) | last
+    select: bool = False                   # choose the test-time inner lr and steps on validation tasks
+    lr_grid: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])   # test-time inner lrs tried
+    steps_grid: list = field(default_factory=lambda: [1, 5, 10, 20])       # test-time inner steps tried
+    select_tasks: int = 200                # validation tasks per candidate
 
 
 @dataclass
@@ -197,6 +204,13 @@ def validate(cfg: DictConfig) -> None:
         allowed = ("ignore", "warn", "raise") + (("skip_task",) if key == "on_nonfinite" else ())
         _check(mc[key] in allowed, f"meta.{key}={mc[key]!r}; use {', '.join(allowed)}.")
     e = cfg.eval
+    _check(e.sampling in (None,) + SAMPLINGS, f"eval.sampling={e.sampling!r}; use null, any or within_alphabet.")
+    _check(e.weights in ("best", "last"), f"eval.weights={e.weights!r}; use best or last.")
+    _check(len(e.lr_grid) > 0 and all(isinstance(v, (int, float)) and v > 0 for v in e.lr_grid),
+           f"eval.lr_grid={list(e.lr_grid)}; give positive learning rates, e.g. [0.1,0.4].")
+    _check(len(e.steps_grid) > 0 and all(isinstance(v, int) and v >= 1 for v in e.steps_grid),
+           f"eval.steps_grid={list(e.steps_grid)}; give step counts >= 1, e.g. [1,10].")
+    _check(e.select_tasks >= 1, f"eval.select_tasks={e.select_tasks}; must be >= 1.")
     _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
            "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0.")

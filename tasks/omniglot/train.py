@@ -6,13 +6,14 @@ Usage::
     python examples/omniglot_fewshot.py --config maml_5w1s meta.batch=16  # a paper config with overrides
     python examples/omniglot_fewshot.py --config maml_5w1s --resume       # continue from <run.dir>/checkpoint.pt
     python examples/omniglot_fewshot.py --config maml_5w1s --overwrite    # replace the run held in <run.dir>
+    python examples/omniglot_fewshot.py --eval-only --config maml_5w1s eval.select=true  # re-test a checkpoint
+
+A folder that already holds a run is refused without ``--resume`` or ``--overwrite``; errors in the inputs, the
+run folder and divergence end the script with one line (``BILEVEL_TRACEBACK=1`` shows the traceback).
 
 Writes ``checkpoint.pt`` (atomically, every ``run.checkpoint_every`` meta-steps), then ``results.json`` (test
 accuracy with a 95% confidence interval over ``eval.test_tasks`` tasks) and ``curves.png`` into ``run.dir``
 (default ``runs/omniglot/<run.name>``).
-
-A folder that already holds a run is refused without ``--resume`` or ``--overwrite``; errors in the inputs, the
-run folder and divergence end the script with one line (``BILEVEL_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import bilevel as bl
 from . import distributed as dist
 from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
+from .evaluation import evaluate_only, select_test_adaptation, test_solver
 from .model import Conv4, cross_entropy_loss
 from .run_folder import (DivergenceError, RunFolder, check_resume, check_step, load_checkpoint,
                          weights_norm)
@@ -87,13 +89,14 @@ def build(cfg: DictConfig, data=None) -> Workload:
     d, t = cfg.data, cfg.task
     sets = (d.background,) + ((d.evaluation,) if d.evaluation else ())
     data = data or load_omniglot(sets, d.root, download=d.download, cache=d.cache)
-    within = t.sampling == "within_alphabet"
+    sampling = {"train": t.sampling, "val": cfg.eval.sampling or t.sampling, "test": cfg.eval.sampling or t.sampling}
     split = make_split(data, d.protocol, seed=d.split_seed, num_train=d.num_train, num_val=d.num_val,
-                       background=d.background, val_alphabets=within)
+                       background=d.background, val_alphabets=sampling["val"] == "within_alphabet")
     eval_queries = cfg.eval.queries or t.queries
     samplers = {}
     for name, seed, queries in (("train", 0, t.queries), ("val", VAL_SEED, eval_queries),
                                 ("test", TEST_SEED, eval_queries)):
+        within = sampling[name] == "within_alphabet"
         alphabets = [alphabet(data.characters[i]) for i in split[name]] if within else None
         try:
             samplers[name] = TaskSampler(data.images, split[name], ways=t.ways, shots=t.shots, queries=queries,
@@ -137,18 +140,20 @@ def task_accuracy(model, params, images, labels) -> torch.Tensor:
     return vmap(one)(params, images, labels)
 
 
-def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50) -> dict:
+def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50, solver=None) -> dict:
     """Adapt to ``tasks`` fixed tasks of ``split`` with the test-time inner solver; mean accuracy and 95% CI.
 
     The tasks are the same at every call (the sampler's meta-step 0), so validation curves compare like with like.
+    ``solver`` replaces the configured test-time solver (test-time adaptation chosen on validation tasks).
     """
+    solver = solver or work.test_solver
     accs = []
     for start in range(0, tasks, chunk):
         batch = work.samplers[split].sample(0, min(chunk, tasks - start), start=start)
         batch = Tasks(*(t.to(work.device) for t in batch))
         for i in range(batch.support.shape[0]):
             task = batch.task(i)
-            params, _ = work.test_solver(work.problem.inner_loss, dict(hparams), hparams,
+            params, _ = solver(work.problem.inner_loss, dict(hparams), hparams,
                                          (task.support, task.support_labels))
             with torch.no_grad():
                 logits = functional_call(work.model, params, (task.query,))
@@ -243,9 +248,10 @@ def _plot_curves(path: Path, history: dict, title: str) -> None:
 
 def _protocol(cfg: DictConfig) -> str:
     d, t, i = cfg.data, cfg.task, cfg.inner
+    words = {"any": "from any alphabets", "within_alphabet": "from one alphabet per task"}
     return (f"{t.ways}-way {t.shots}-shot, {t.queries} train / {cfg.eval.queries or t.queries} test queries per "
-            f"class; {d.protocol} split (seed {d.split_seed}); classes from {t.sampling.replace('_', ' ')} "
-            f"alphabet{'s' if t.sampling == 'any' else ''}; rotation {d.rotation}; conv4 ({cfg.model.pool} "
+            f"class; {d.protocol} split (seed {d.split_seed}); classes {words[t.sampling]} (val/test: "
+            f"{words[cfg.eval.sampling or t.sampling]}); rotation {d.rotation}; conv4 ({cfg.model.pool} "
             f"variant) with transductive "
             f"batch norm (batch statistics of support and query sets, no running statistics); inner "
             f"{i.solver} lr {i.lr} x {i.steps} steps (test: lr {i.test_lr or i.lr} x {i.test_steps})")
@@ -389,10 +395,25 @@ def _main(cfg: DictConfig, data=None) -> dict:
 
     results = None
     if ctx.is_main:
-        test = evaluate(work, hparams, "test", cfg.eval.test_tasks)
+        tested = {"file": "checkpoint.pt", "step": cfg.meta.steps}
+        if cfg.eval.weights == "best" and (run_dir / "best.pt").is_file():   # best by validation, as the papers
+            best_state = load_checkpoint(run_dir / "best.pt", map_location=work.device)
+            hparams = best_state["hparams"]
+            tested = {"file": "best.pt", "step": best_state["step"], "val": best_state["val"]}
+        adaptation = {"lr": cfg.inner.test_lr or cfg.inner.lr, "steps": cfg.inner.test_steps}
+        if cfg.eval.select:   # test-time lr and steps from validation tasks; kept with the checkpoint
+            adaptation = select_test_adaptation(work, hparams, evaluate)
+            for path in (ckpt_path, run_dir / "best.pt"):
+                if path.is_file():
+                    state = load_checkpoint(path, map_location=work.device)
+                    _save_checkpoint(path, {**state, "test_adaptation": adaptation})
+        test = evaluate(work, hparams, "test", cfg.eval.test_tasks,
+                        solver=test_solver(cfg, adaptation["lr"], adaptation["steps"]))
         results = {
             "name": cfg.run.name, "method": cfg.method.name, "protocol": _protocol(cfg),
-            "test": test, "meta_steps": cfg.meta.steps, "meta_batch": cfg.meta.batch,
+            "test": test, "tested_weights": tested, "test_adaptation": adaptation,
+            "meta_steps": cfg.meta.steps, "meta_batch": cfg.meta.batch,
+            "train_cpu_time_s": round(cpu, 1),
             "train_wall_time_s": round(elapsed, 1),
             "adjoint_unconverged_fraction": (sum(history["unconverged"]) / len(history["unconverged"])
                                              if history["unconverged"] else 0.0),
@@ -413,7 +434,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
                      f"{cfg.run.name}: {cfg.method.name}, {t.ways}-way {t.shots}-shot, {cfg.data.protocol} split, "
                      f"rotation {cfg.data.rotation}, transductive batch norm; {reached} meta-steps x "
                      f"{cfg.meta.batch} tasks\ntest accuracy {100 * test['accuracy']:.2f} +- "
-                     f"{100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks, {cfg.inner.test_steps} inner steps)")
+                     f"{100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks, inner lr {adaptation['lr']:g} x "
+                     f"{adaptation['steps']} steps, {tested['file']} of step {tested['step']})")
         print(f"{cfg.run.name}: test accuracy {100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % "
               f"(95% CI, {test['tasks']} tasks; {cfg.meta.steps} meta-steps, {elapsed / 60:.1f} min training) "
               f"-> {run_dir / 'results.json'}")
@@ -431,7 +453,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
 def cli(argv: list[str] | None = None) -> dict:
     """Parse ``[--config NAME] [--resume | --overwrite] key=value ...`` and run :func:`main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name, overrides = "demo", []
+    name, overrides, eval_only = "demo", [], False
     while argv:
         arg = argv.pop(0)
         if arg in ("-h", "--help"):
@@ -441,6 +463,8 @@ def cli(argv: list[str] | None = None) -> dict:
             overrides.append("run.resume=true")
         elif arg == "--overwrite":
             overrides.append("run.overwrite=true")
+        elif arg == "--eval-only":
+            eval_only = True
         elif arg == "--config":
             if not argv:
                 raise SystemExit("--config needs a name, e.g. --config maml_5w1s")
@@ -450,10 +474,19 @@ def cli(argv: list[str] | None = None) -> dict:
         elif arg.startswith("config="):
             name = arg.split("=", 1)[1]
         elif arg.startswith("--"):
-            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite and key=value "
-                             f"overrides.")
+            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite, --eval-only and "
+                             f"key=value overrides.")
         else:
             overrides.append(arg)
+    if eval_only:   # the checkpoint's own config, with test settings from the command line
+        given = dict(o.split("=", 1) for o in overrides if "=" in o)
+        run_dir = Path(given.get("run.dir") or Path("runs") / "omniglot" / given.get("run.name", name))
+        try:
+            return evaluate_only(run_dir, overrides, build, evaluate, load_checkpoint)
+        except (ValueError, OSError) as err:
+            if os.environ.get("BILEVEL_TRACEBACK"):
+                raise
+            raise SystemExit(f"error: {' '.join(str(err).split())}") from None
     try:
         cfg = load_config(name, overrides)
     except (ValueError, FileNotFoundError) as err:   # a bad command line: the message, not a traceback

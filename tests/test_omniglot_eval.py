@@ -1,0 +1,83 @@
+"""Testing a trained model: best-by-validation weights, test-time adaptation chosen on validation, --eval-only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.omniglot import train
+from tasks.omniglot.config import load_config
+from tasks.omniglot.data import load_omniglot, resolve_root
+from tasks.omniglot.inference import FewShotClassifier
+
+DATA = Path(os.environ.get("BILEVEL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SMALL = [f"data.root={DATA}", "data.background=images_background_small1", "data.evaluation=null",
+         "data.num_train=100", "data.num_val=16", "wandb.mode=disabled", "run.progress=false",
+         "eval.val_tasks=4", "eval.test_tasks=6", "inner.test_steps=2", "meta.batch=2", "run.threads=null"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 6-meta-step demo run validated every 2 steps, with test-time adaptation chosen on validation."""
+    if not (resolve_root(DATA) / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot small zips not found under {DATA} (set BILEVEL_DATA)")
+    torch.set_num_threads(1)
+    small = load_omniglot(("images_background_small1",), DATA, download=False, cache=False)
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config("demo", SMALL + [f"run.dir={run}", "meta.steps=6", "eval.every=2", "eval.select=true",
+                                       "eval.lr_grid=[0.1,0.4]", "eval.steps_grid=[1,3]", "eval.select_tasks=5"])
+    return run, train.main(cfg, small), small
+
+
+def test_the_final_test_uses_the_best_validation_weights(trained):
+    run, results, _ = trained
+    history = torch.load(run / "checkpoint.pt", weights_only=True)["history"]
+    best_step = history["val_step"][max(range(len(history["val_acc"])), key=history["val_acc"].__getitem__)]
+    assert results["tested_weights"]["file"] == "best.pt" and results["tested_weights"]["step"] == best_step
+    assert len(history["val_time"]) == len(history["val_step"]) == 3
+    assert all(b >= a for a, b in zip(history["val_cpu"], history["val_cpu"][1:]))     # cumulative CPU time
+
+
+def test_test_time_adaptation_is_the_best_of_the_grid_on_validation(trained):
+    run, results, _ = trained
+    chosen, grid = results["test_adaptation"], results["test_adaptation"]["grid"]
+    assert len(grid) == 4 and {(g["lr"], g["steps"]) for g in grid} == {(0.1, 1), (0.1, 3), (0.4, 1), (0.4, 3)}
+    best = max(g["accuracy"] for g in grid)
+    assert any(g["accuracy"] == best and (g["lr"], g["steps"]) == (chosen["lr"], chosen["steps"]) for g in grid)
+    # stored with the checkpoints and used by the inference API
+    assert torch.load(run / "best.pt", weights_only=True)["test_adaptation"]["lr"] == chosen["lr"]
+    clf = FewShotClassifier.load(run / "best.pt")
+    assert clf.inner_lr == chosen["lr"] and clf.solver.steps == chosen["steps"]
+
+
+def test_eval_only_tests_a_checkpoint_with_other_settings_and_overwrites_nothing(trained, capsys):
+    run, results, _ = trained
+    before = (run / "results.json").read_bytes()
+    args = ["--eval-only", f"run.dir={run}", f"data.root={DATA}", "inner.test_lr=0.1", "inner.test_steps=1",
+            "eval.test_tasks=6"]
+    first = train.cli(args)
+    second = train.cli(args)
+    files = {p.name for p in run.glob("eval-*.json")}
+    assert files == {f"eval-step{first['weights']['step']}-lr0.1x1.json",
+                     f"eval-step{first['weights']['step']}-lr0.1x1-2.json"}
+    assert first["test"] == second["test"]                     # the same fixed test tasks
+    assert first["test_adaptation"] == {"lr": 0.1, "steps": 1}
+    assert (run / "results.json").read_bytes() == before
+    assert json.loads((run / min(files)).read_text())["weights"]["file"] == "best.pt"
+    # the configured test settings reproduce the training run's own test
+    same = train.cli(["--eval-only", f"run.dir={run}", f"data.root={DATA}", "eval.weights=best",
+                      f"inner.test_lr={results['test_adaptation']['lr']}",
+                      f"inner.test_steps={results['test_adaptation']['steps']}"])
+    assert same["test"] == pytest.approx(results["test"])
+
+
+def test_eval_only_refuses_to_change_what_was_trained(trained):
+    run, _, _ = trained
+    with pytest.raises(SystemExit, match="not what was trained.*task.ways=20"):
+        train.cli(["--eval-only", f"run.dir={run}", "task.ways=20"])
+    with pytest.raises(SystemExit, match="no checkpoint.pt in"):
+        train.cli(["--eval-only", f"run.dir={run / 'nothing'}"])
