@@ -9,7 +9,7 @@ from torch.func import vmap
 from .tree import pytree
 
 from . import tree
-from .diagnostics import NONFINITE_POLICIES, check
+from .diagnostics import NONFINITE_POLICIES, NonFiniteError, check
 from .methods import Problem
 from .types import Batch, HParams, Hypergrad, Params
 
@@ -27,11 +27,50 @@ def _validate(call: str, problem: Problem, hparams: HParams, params0: Optional[P
         bad = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"{call}: {name} entries {bad} are not tensors.")
+    integer = {k: str(v.dtype) for k, v in hparams.items() if not (v.is_floating_point() or v.is_complex())}
+    if integer:
+        raise TypeError(f"{call}: hparams {integer} are not floating point; hyperparameters are differentiated, so "
+                        f"pass floating tensors (torch.tensor(1.0), not torch.tensor(1)).")
     if params0 is not None and problem.init is not None:
         ref = problem.init(hparams)
         if ref.keys() != params0.keys() or any(ref[k].shape != params0[k].shape for k in ref):
             raise ValueError(f"{call}: params0 {tree.describe(params0)} does not match problem.init(hparams) "
                              f"{tree.describe(ref)}.")
+
+
+def _explain_failure(call: str, err: Exception, problem: Problem, hparams: HParams, params0, **batches) -> None:
+    """Raise a clearer error for two common misuses behind a torch error in a loss; otherwise return.
+
+    Mixed floating dtypes (float32 params, float64 data) fail deep inside torch; and a loss written
+    ``loss(hparams, params, batch)`` looks a params key up in hparams. Only inspected after a failure.
+    """
+    named = [(name, x) for name, value in (("hparams", hparams), ("params0", params0), *batches.items())
+             for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+    if isinstance(err, RuntimeError) and ("dtype" in str(err) or "scalar type" in str(err)):
+        dtypes: dict = {}
+        for name, x in named:
+            if x.is_floating_point():
+                dtypes.setdefault(name, set()).add(str(x.dtype).replace("torch.", ""))
+        if len(set().union(*dtypes.values())) > 1:
+            listed = ", ".join(f"{name} {'/'.join(sorted(d))}" for name, d in dtypes.items())
+            raise TypeError(f"{call}: the inputs mix floating dtypes ({listed}); cast the data or the parameters "
+                            f"so they agree (e.g. batch.float() or .double()). torch: {str(err).splitlines()[0]}") \
+                from err
+    if isinstance(err, KeyError) and err.args:
+        params = params0 if params0 is not None else problem.init(hparams) if problem.init is not None else {}
+        key = err.args[0]
+        if key in params and key not in hparams or key in hparams and key not in params:
+            raise TypeError(f"{call}: KeyError {key!r} (a key of {'params' if key in params else 'hparams'}) "
+                            f"in a loss: losses are called loss(params, hparams, batch); are two arguments "
+                            f"swapped?") from err
+
+
+def _nonfinite_inputs(hparams: HParams, **batches) -> str:
+    """Which inputs hold NaN or inf (checked only once a non-finite value has appeared)."""
+    bad = [name for name, value in (("hparams", hparams), *batches.items())
+           if any(isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all()
+                  for x in pytree.tree_leaves(value))]
+    return ", ".join(bad)
 
 
 def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
@@ -53,8 +92,19 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
         A ``Hypergrad``.
     """
     _validate("hypergrad", problem, hparams, params0)
-    out = method(problem, hparams, inner_batch, outer_batch, params0)
-    check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
+    try:
+        out = method(problem, hparams, inner_batch, outer_batch, params0)
+    except (RuntimeError, KeyError) as err:
+        _explain_failure("hypergrad", err, problem, hparams, params0, inner_batch=inner_batch,
+                         outer_batch=outer_batch)
+        raise
+    try:
+        check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
+    except NonFiniteError as err:
+        bad = _nonfinite_inputs(hparams, params0=params0, inner_batch=inner_batch, outer_batch=outer_batch)
+        if bad:
+            raise NonFiniteError(f"hypergrad: the inputs hold NaN or inf ({bad}); fix them first. {err}") from None
+        raise
     return out
 
 
@@ -106,7 +156,12 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     skip = on_nonfinite == "skip_task"
 
     def per_task(inner_batch, outer_batch, start):
-        out = method(problem, hparams, inner_batch, outer_batch, start)
+        try:
+            out = method(problem, hparams, inner_batch, outer_batch, start)
+        except (RuntimeError, KeyError) as err:
+            _explain_failure("meta_grad", err, problem, hparams, params0, inner_batches=inner_batches,
+                             outer_batches=outer_batches)
+            raise
         # vmap returns tensors only: an absent linear_info travels as an empty tuple
         return out._replace(linear_info=() if out.linear_info is None else out.linear_info, dropped=(), kept=())
 
@@ -155,5 +210,11 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     if skip:
         dropped = (~kept).sum()
     out = out._replace(linear_info=out.linear_info or None, dropped=dropped, kept=kept)
-    check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
+    try:
+        check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
+    except NonFiniteError as err:
+        bad = _nonfinite_inputs(hparams, params0=params0, inner_batches=inner_batches, outer_batches=outer_batches)
+        if bad:
+            raise NonFiniteError(f"meta_grad: the inputs hold NaN or inf ({bad}); fix them first. {err}") from None
+        raise
     return out
