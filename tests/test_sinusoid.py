@@ -87,7 +87,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         train.main(config(tmp_path / "b", "reptile", *common, "inner.steps=2"))
     monkeypatch.setattr(train, "meta_step", real)
     resumed = train.main(config(tmp_path / "b", "reptile", *common, "inner.steps=2", "run.resume=true"))
-    a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
+    a, b = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
     for k in a["hparams"]:
         torch.testing.assert_close(a["hparams"][k], b["hparams"][k], rtol=0, atol=0)
     assert a["history"]["loss"] == b["history"]["loss"] and b["step"] == 12

@@ -336,7 +336,7 @@ def main(cfg: DictConfig) -> dict:
     history = {"step": [], **{k: [] for k in METRICS}, "val_step": [], "val": []}
     start, elapsed, cpu = 0, 0.0, 0.0
     if cfg.run.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)   # tensors and plain containers only: no code from a file
         saved = OmegaConf.create(state["config"])
         for key in ("task", "model", "method", "inner", "meta"):
             ours, theirs = OmegaConf.to_container(cfg[key]), OmegaConf.to_container(saved[key])
