@@ -73,12 +73,12 @@ def sparsemax_closed_form(x):
 
 def sparsemax_check(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    x = (2 * torch.randn(8, generator=g, dtype=DT)).requires_grad_()
+    x = (0.5 * torch.randn(8, generator=g, dtype=DT)).requires_grad_()  # scaled for a support of several entries
     z, ref = sparsemax_qp(x), sparsemax_closed_form(x)
     jac = torch.stack([torch.autograd.grad(z[i], x, retain_graph=True)[0] for i in range(8)])
     s = (ref > 0).to(DT)
     jac_ref = torch.diag(s) - torch.outer(s, s) / s.sum()
-    return dict(support=int(s.sum()), value_max_abs_err=float((z - ref).abs().max()),
+    return dict(support=int(s.sum()), value_max_abs_err=float((z - ref).detach().abs().max()),
                 jacobian_max_abs_err=float((jac - jac_ref).abs().max()))
 
 
@@ -91,9 +91,12 @@ def learn_constraints(cfg: Config, g: torch.Generator) -> dict:
     G_true, h_true = polygon(cfg.sides)
     eye = torch.eye(2, dtype=DT)
     project = lambda x, G, h: qp(eye, -x, G, h)  # noqa: E731  argmin ½||z||² − xᵀz = projection of x
-    G = (polygon(cfg.sides)[0] @ torch.tensor([[0.8, 0.6], [-0.6, 0.8]], dtype=DT)).requires_grad_()
-    h = (0.5 * torch.ones(cfg.sides, dtype=DT)).requires_grad_()
-    opt = torch.optim.Adam([G, h], lr=cfg.lr)
+    # each side is a unit normal at an angle and an offset (G = [cos θ, sin θ], h): (G, h) and (cG, ch) are the
+    # same set, and the angle form leaves that scale out of the learning; the start is rotated by 0.5 rad
+    theta = (torch.arange(cfg.sides, dtype=DT) * 2 * torch.pi / cfg.sides + 0.8).requires_grad_()
+    offset = (0.5 * torch.ones(cfg.sides, dtype=DT)).requires_grad_()
+    sides = lambda: (torch.stack([theta.cos(), theta.sin()], -1), offset)  # noqa: E731
+    opt = torch.optim.Adam([theta, offset], lr=cfg.lr)
     test_x = 2.5 * torch.randn(512, 2, generator=g, dtype=DT)
     with torch.no_grad():
         test_y = project(test_x, G_true, h_true)
@@ -102,14 +105,14 @@ def learn_constraints(cfg: Config, g: torch.Generator) -> dict:
     for step in range(cfg.steps + 1):
         if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps:
             with torch.no_grad():
-                errors.append(dict(step=step, test_mse=float(((project(test_x, G, h) - test_y) ** 2).sum(-1).mean())))
+                errors.append(dict(step=step, test_mse=float(((project(test_x, *sides()) - test_y) ** 2).sum(-1).mean())))
             print(json.dumps(errors[-1]))
         if step == cfg.steps:
             break
         x = 2.5 * torch.randn(cfg.batch, 2, generator=g, dtype=DT)
         with torch.no_grad():
             y = project(x, G_true, h_true)
-        loss = ((project(x, G, h) - y) ** 2).sum(-1).mean()
+        loss = ((project(x, *sides()) - y) ** 2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -150,3 +150,20 @@ def test_bad_inputs_name_the_problem():
     for call, error, words in cases:
         with pytest.raises(error, match=words):
             call()
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_qp_example_runs_on_tiny_settings(tmp_path):
+    pytest.importorskip("cvxpylayers")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "qp_layer.py"
+    spec = importlib.util.spec_from_file_location("example_qp_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    out = module.run(module.Config(steps=2, batch=8, timing_batch=2, timing_repeats=1, out_dir=str(tmp_path)))
+    assert out["sparsemax"]["value_max_abs_err"] < 1e-8 and out["sparsemax"]["jacobian_max_abs_err"] < 1e-6
+    assert out["timing"]["solution_max_abs_diff"] < 1e-5 and len(out["constraint_set"]["history"]) >= 2
