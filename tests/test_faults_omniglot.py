@@ -446,3 +446,18 @@ def test_two_runs_started_together_in_one_folder_one_is_refused(tmp_path):
     outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outputs[0] == "claimed" and outputs[1].startswith("refused:") and "in use by pid" in outputs[1]
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_lock_works_without_hard_links(tmp_path, monkeypatch):
+    from tasks.omniglot.run_folder import RunFolder
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = RunFolder(tmp_path)
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 4242, "host": "other-host"}))
+    with pytest.raises(RunFolderError, match="in use by pid 4242"):
+        RunFolder(tmp_path)
+    first.held = False   # the lock now names another holder; leave it to the test's tmp_path

@@ -1,13 +1,13 @@
 """The run folder of a training run: one run per folder, a lock, safe checkpoints, and divergence checks.
 
-A run folder holds one run's files: ``checkpoint.pt``, ``results.json``, ``curves.png`` and ``wandb/``. Training
-claims it before any work:
+A run folder holds one run's files: ``checkpoint.pt``, ``best.pt``, ``results.json``, ``curves.png`` and ``wandb/``.
+Training claims it before any work:
 
 - a folder that holds a run is refused unless the run is resumed (``--resume``) or replaced (``--overwrite``, which
   deletes the old run's files first, so two runs' files are never mixed);
 - ``run.lock`` (the owner's pid, host and start time) is held for the run's lifetime; a second run in the same
   folder is refused with the holder named, and a lock whose process is gone (same host) is taken over;
-- the folder must be writable (checked by writing the lock), before the data is loaded;
+- the folder must be writable (checked by writing a probe file and the lock) before the data is loaded;
 - temporary files left by a write that was killed before its rename are removed.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled, so a
@@ -127,7 +127,7 @@ class RunFolder:
         try:
             for _ in range(2):
                 try:
-                    os.link(tmp, self.lock)   # atomic and exclusive: fails if the lock exists, content complete
+                    self._create_lock(tmp, record)
                     self.held = True
                     return
                 except FileExistsError:
@@ -136,6 +136,17 @@ class RunFolder:
             tmp.unlink(missing_ok=True)
         raise RunFolderError(f"run folder {self.path}: could not take {self.lock}; another run started at the same "
                              f"time. Use another run.dir.")
+
+    def _create_lock(self, tmp: Path, record: dict) -> None:
+        """Create the lock exclusively (``FileExistsError`` if it exists) with its content complete."""
+        try:
+            os.link(tmp, self.lock)   # atomic: the lock appears with its content already written
+        except FileExistsError:
+            raise
+        except OSError:               # a file system without hard links: exclusive create, then write
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record))
 
     def _take_over_if_stale(self) -> None:
         try:
