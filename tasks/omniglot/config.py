@@ -84,6 +84,7 @@ class MetaConfig:
     steps: int = 60000                     # meta-steps
     optimizer: str = "adam"                # adam | sgd (Reptile: sgd with lr = outer step size)
     lr: float = 1e-3                       # meta learning rate
+    eps: float = 1e-8                      # Adam's epsilon (the iMAML reference code uses 1e-3)
     schedule: str = "constant"             # constant | linear (anneal to 0 at the last step)
     batching: str = "loop"                 # loop | vmap: how bl.meta_grad runs the tasks
     chunk_size: Optional[int] = None       # vmap chunk size
@@ -195,6 +196,7 @@ def validate(cfg: DictConfig) -> None:
            "method.damping, method.tol, method.coef and method.lam_damping must be >= 0.")
     _check(not (m.solver == "gmres" and m.damping), "method.damping needs method.solver=cg, truncated_cg or minres.")
     mc = cfg.meta
+    _check(mc.eps > 0, f"meta.eps={mc.eps}; Adam's epsilon must be > 0.")
     _check(mc.batch >= 1 and mc.steps >= 1 and mc.lr > 0, "meta.batch, meta.steps and meta.lr must be positive.")
     _check(mc.optimizer in ("adam", "sgd"), f"meta.optimizer={mc.optimizer!r}; use adam or sgd.")
     _check(mc.schedule in ("constant", "linear"), f"meta.schedule={mc.schedule!r}; use constant or linear.")

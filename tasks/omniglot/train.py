@@ -202,7 +202,7 @@ def _nonfinite(grad, out) -> torch.Tensor:
 def make_optimizer(cfg: DictConfig, hparams):
     tensors = list(hparams.values())
     if cfg.meta.optimizer == "adam":
-        return torch.optim.Adam(tensors, lr=cfg.meta.lr)
+        return torch.optim.Adam(tensors, lr=cfg.meta.lr, eps=cfg.meta.eps)
     return torch.optim.SGD(tensors, lr=cfg.meta.lr)
 
 
