@@ -147,9 +147,8 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
         where = "; ".join(f"{w} ({_tasks(m)})" for w, m in
                           (("the inner solve", inner_bad), ("the adjoint linear solve", linear_bad),
                            ("the outer loss", loss_bad)) if bool(m.any())) or "the hypergradient"
-        message = (f"{name}: the hypergradient is not finite: NaN or inf in {where}. Likely fixes: a smaller inner "
-                   "learning rate or fewer inner steps (divergence), damping for the adjoint solve, a smaller Neumann "
-                   "alpha, float64, or on_nonfinite='skip_task' in meta_grad.")
+        message = (f"Smaller inner lr, damping or float64 (or on_nonfinite='skip_task'): the {name} hypergradient is "
+                   f"not finite, NaN or inf in {where}.")
         if on_nonfinite in ("raise", "skip_task"):  # skip_task got here: no task to drop it from
             raise NonFiniteError(message)
         if on_nonfinite == "warn":
