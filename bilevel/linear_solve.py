@@ -158,8 +158,9 @@ class MINRES:
 
     The recurrences are those of scipy's ``minres`` without preconditioner or shift. Differences: a fixed budget
     with masked updates (vmap-safe), the relative residual ``||r|| / ||b||`` from the recurrence (``phibar``, no
-    extra product) as the stopping and convergence measure, and ``curvature`` = the smallest Lanczos Rayleigh
-    quotient ``vᵀAv`` met (negative: ``indefinite``). The residual never grows, so MINRES cannot diverge; on a
+    extra product) as the stopping and convergence measure, ``curvature`` = the smallest Lanczos Rayleigh quotient
+    ``vᵀAv`` met, and ``indefinite`` set where CG would meet ``pᵀAp <= 0`` (a non-positive pivot of the Lanczos
+    matrix's LDLᵀ, free from the recurrence). The residual never grows, so MINRES cannot diverge; on a
     singular or nearly singular system it stalls instead.
 
     Args:
@@ -186,12 +187,15 @@ class MINRES:
         count = beta1.new_zeros((), dtype=torch.long)
         done = beta1 <= 0
         curvature = torch.full_like(beta1, float("inf"))
+        # pivots of the LDLᵀ of the Lanczos matrix: one is <= 0 exactly where CG would meet pᵀAp <= 0
+        pivot, indefinite = torch.ones_like(beta1), torch.zeros_like(done)
         for k in range(self.steps):
             v = tree.scale(1 / torch.clamp(beta, min=tiny), y)
             y_new = mv(v)
             if k > 0:
                 y_new = tree.axpy(-beta / torch.clamp(oldb, min=tiny), r1, y_new)
             alfa = tree.vdot(v, y_new)
+            pivot_new = alfa if k == 0 else alfa - beta ** 2 / torch.where(pivot == 0, tiny, pivot)
             y_new = tree.axpy(-alfa / torch.clamp(beta, min=tiny), r2, y_new)
             beta_new = tree.norm(y_new)
             # the rotation that keeps the tridiagonal least-squares problem triangular
@@ -205,6 +209,8 @@ class MINRES:
             x_new = tree.axpy(phi, w_new, x)
             keep = lambda old, new: torch.where(done, old, new)  # noqa: E731
             curvature = keep(curvature, torch.minimum(curvature, alfa))
+            indefinite = indefinite | (~done & ((pivot_new <= 0) | (alfa <= 0)))
+            pivot = keep(pivot, pivot_new)
             x, w2, w = tree.where(done, x, x_new), tree.where(done, w2, w), tree.where(done, w, w_new)
             r1, r2, y = tree.where(done, r1, r2), tree.where(done, r2, y_new), tree.where(done, y, y_new)
             oldb, beta = keep(oldb, beta), keep(beta, beta_new)
@@ -212,7 +218,6 @@ class MINRES:
             phibar = keep(phibar, sn_new * phibar)
             count = count + (~done).long()
             done = done | (phibar <= tol * beta1)
-        indefinite = curvature <= 0
         curvature = torch.where(torch.isinf(curvature), torch.full_like(curvature, float("nan")), curvature)
         return x, _info(count, x, phibar, beta1, tol, indefinite, curvature=curvature)
 

@@ -36,8 +36,11 @@ def test_minres_matches_dense_solve_on_an_indefinite_system():
     assert bool(info.converged) and bool(info.indefinite) and float(info.curvature) < 0
     true = torch.linalg.norm(b - matrix @ tree.flatten(x)) / torch.linalg.norm(b)
     assert float(info.residual) == pytest.approx(float(true), abs=1e-9)  # the recurrence's residual is the true one
-    # CG on the same system: negative curvature met, flagged, not converged in the same budget
-    _, cg_info = bl.CG(steps=7)(op, as_tree(b))
+    # CG on the same system meets negative curvature; MINRES flags it at the same step budget (its Lanczos pivots)
+    for k in range(1, 8):
+        _, cg_info = bl.CG(steps=k, tol=0.0)(op, as_tree(b))
+        _, mr_info = bl.MINRES(steps=k, tol=0.0)(op, as_tree(b))
+        assert bool(cg_info.indefinite) == bool(mr_info.indefinite), k
     assert bool(cg_info.indefinite)
 
 
