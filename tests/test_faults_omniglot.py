@@ -427,24 +427,33 @@ def test_labels_given_as_a_tensor_name_classes_by_value(small, clf):
 def test_two_runs_started_together_in_one_folder_one_is_refused(tmp_path):
     import subprocess
     import sys
+    import time
 
     claim = ("import sys, time\n"
+             "from pathlib import Path\n"
              "from tasks.omniglot.run_folder import RunFolder, RunFolderError\n"
              "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
              "try:\n"
              "    folder = RunFolder(sys.argv[1])\n"
              "except RunFolderError as err:\n"
-             "    print('refused:', err)\n"
+             "    print('refused:', err, flush=True)\n"
              "    sys.exit(0)\n"
-             "print('claimed')\n"
-             "time.sleep(1.5)\n"
+             "print('claimed', flush=True)\n"
+             "release = Path(sys.argv[3])\n"
+             "while not release.exists():   # hold the folder until the other start has been answered\n"
+             "    time.sleep(0.05)\n"
              "folder.release()\n")
     repo = Path(train.__file__).resolve().parents[2]
-    at = str(__import__("time").time() + 1.5)   # both start at the same moment
-    procs = [subprocess.Popen([sys.executable, "-c", claim, str(tmp_path), at], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(repo))) for _ in range(2)]
-    outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
-    assert outputs[0] == "claimed" and outputs[1].startswith("refused:") and "in use by pid" in outputs[1]
+    at, release = str(time.time() + 2.0), tmp_path.parent / f"{tmp_path.name}-release"  # both start together
+    procs = [subprocess.Popen([sys.executable, "-c", claim, str(tmp_path), at, str(release)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(repo))) for _ in range(2)]
+    try:
+        answers = sorted(p.stdout.readline().strip() for p in procs)
+    finally:
+        release.touch()
+        for p in procs:
+            p.communicate(timeout=60)
+    assert answers[0] == "claimed" and answers[1].startswith("refused:") and "in use by pid" in answers[1]
     assert not (tmp_path / "run.lock").exists()
 
 
