@@ -98,8 +98,11 @@ def test_a_finished_run_is_not_overwritten_without_a_flag(small, tmp_path):
         train.main(cfg(tmp_path, "meta.steps=1"), small)
     assert (tmp_path / "results.json").read_text() == before
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    (tmp_path / "eval-step2-lr0.4x1.json").write_text("{}")   # what --eval-only adds to a run folder
+    (tmp_path / "notes.txt").write_text("mine")                # not a run's file: kept
     out = train.main(cfg(tmp_path, "meta.steps=1", "run.overwrite=true"), small)
     assert json.loads((tmp_path / "results.json").read_text())["meta_steps"] == 1 == out["meta_steps"]
+    assert not (tmp_path / "eval-step2-lr0.4x1.json").exists() and (tmp_path / "notes.txt").exists()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
     with pytest.raises(ValueError, match="run.resume and run.overwrite"):
         cfg(tmp_path, "run.overwrite=true", "run.resume=true")

@@ -34,7 +34,7 @@ import torch
 __all__ = ["RunFolder", "RunFolderError", "DivergenceError", "DivergenceWarning", "Divergence", "load_checkpoint",
            "divergence", "weights_problem", "check_step", "check_resume", "RUN_FILES", "LOCK"]
 
-RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "curves.png", "wandb")  # what one run writes
+RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "curves.png", "wandb", "eval-*.json")  # one run's files
 LOCK = "run.lock"
 
 # Divergence thresholds (see docs/failure-modes.md). The loss of a uniform guess over N classes is log N; a trained
@@ -178,13 +178,16 @@ class RunFolder:
             for stray in self.path.glob(f"{name}*.tmp"):
                 stray.unlink(missing_ok=True)
 
+    def _run_files(self) -> list[Path]:
+        return [path for pattern in RUN_FILES for path in sorted(self.path.glob(pattern))]
+
     def _check_contents(self, resume: bool, overwrite: bool) -> None:
-        present = [name for name in RUN_FILES if (self.path / name).exists()]
+        files = self._run_files()
+        present = [path.name for path in files]
         if not present:
             return
         if overwrite:
-            for name in present:
-                target = self.path / name
+            for target in files:
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             print(f"note: --overwrite: deleted {', '.join(present)} of the previous run in {self.path}.",
                   file=sys.stderr)
