@@ -1,7 +1,7 @@
 """The run folder of a training run: one run per folder, a lock, safe checkpoints, and divergence checks.
 
-A run folder holds one run's files: ``checkpoint.pt``, ``best.pt``, ``results.json``, ``curves.png`` and ``wandb/``.
-Training claims it before any work:
+A run folder holds one run's files: ``checkpoint.pt``, ``best.pt``, ``results.json``, ``curves.png``, ``wandb/`` and
+the ``eval-*.json`` of ``--eval-only``. Training claims it before any work:
 
 - a folder that holds a run is refused unless the run is resumed (``--resume``) or replaced (``--overwrite``, which
   deletes the old run's files first, so two runs' files are never mixed);
