@@ -23,11 +23,10 @@ is normalised together with the support set instead, and its prediction does not
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Sequence
-
-import os
 
 import numpy as np
 import torch
