@@ -52,3 +52,28 @@ def test_proximal_pulls_toward_hparams():
     assert torch.allclose(params["x"], torch.ones(3, dtype=f64)) and bool(info.converged)
     with pytest.raises(ValueError, match="reg must be > 0"):
         bl.proximal(loss, reg=-1.0)
+
+
+def test_default_tolerance_is_judged_at_the_end_relative_to_the_start():
+    loss = lambda w, h, b: 0.5 * ((w["x"] - 3.0) ** 2).sum()  # noqa: E731 - gradient norm 3·sqrt(2) at 0
+    w0 = {"x": torch.zeros(2, dtype=f64)}
+    _, short = bl.GradientDescent(lr=0.5, steps=2)(loss, w0, {}, None)
+    _, long = bl.GradientDescent(lr=0.5, steps=40)(loss, w0, {}, None)
+    assert float(short.scale) == pytest.approx(3 * 2 ** 0.5) and int(short.steps) == 2
+    assert not bool(short.converged) and bool(long.converged) and int(long.steps) == 40  # no early stop
+    assert float(long.residual) <= bl.default_tol(f64) * float(long.scale)
+    # float32: the same solve is converged at float32's default, which float64's would refuse
+    _, long32 = bl.GradientDescent(lr=0.5, steps=14)(loss, {"x": torch.zeros(2)}, {}, None)
+    assert bool(long32.converged) and float(long32.residual) > bl.default_tol(f64) * float(long32.scale)
+
+
+def test_rtol_stops_early_relative_to_the_start_and_resuming_keeps_the_scale():
+    loss = lambda w, h, b: 0.5 * (b * (w["x"] - 1.0) ** 2).sum()  # noqa: E731
+    solver = bl.GradientDescent(lr=0.1, steps=400, rtol=1e-3)
+    batch = torch.tensor([10.0, 1.0], dtype=f64)
+    _, info = solver(loss, {"x": torch.zeros(2, dtype=f64)}, {}, batch)
+    assert bool(info.converged) and int(info.steps) < 400
+    assert float(info.residual) <= 1e-3 * float(info.scale)
+    head_params, state, head = solver.run(loss, {"x": torch.zeros(2, dtype=f64)}, {}, batch, steps=3)
+    _, _, tail = solver.run(loss, head_params, {}, batch, steps=397, state=state, info=head)
+    assert float(tail.scale) == float(info.scale) and int(tail.steps) == int(info.steps)
