@@ -291,8 +291,8 @@ def test_csv_and_npz_files(tmp_path):
 def test_sklearn_mapping_binary():
     # Two classes: our two-column softmax against scikit-learn's sigmoid at C = 2 / (n λ).
     task = make_task("breast_cancer", n_train=200, n_val=150)
-    hparams = init_hparams(task, 3e-3)
-    solver = make_solver("gd", lr=None, steps=5000, tol=1e-9)
+    hparams = init_hparams(task, 1e-2)
+    solver = make_solver("gd", lr=None, steps=3000, tol=1e-9)
     params, info = solve_inner(task, solver, hparams, dict(task.params0))
     assert bool(info.converged)
     ref = sklearn_reference(task, hparams)
