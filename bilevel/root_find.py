@@ -15,6 +15,7 @@ All solvers run a fixed budget of ``steps`` iterations with a masked early stop 
 | Picard       | one F                        | linearly, if z − F contracts       | contractive maps          |
 | Anderson     | one F + an m×m solve         | faster than Picard, same condition | fixed points, medium n    |
 | Newton       | n JVPs + an n×n solve        | quadratically near a root          | small systems (n ≲ 10³)   |
+|              | + Armijo search on ‖F‖²      | (the search stops overshoot)       |                           |
 | NewtonKrylov | k JVPs (GMRES)               | superlinearly near a root          | large systems             |
 | Broyden      | one F + low-rank updates     | superlinearly, no Jacobian needed  | large systems             |
 """

@@ -215,3 +215,22 @@ def test_ode_examples_run_on_tiny_settings(tmp_path):
     out = maml.run(maml.Config(meta_steps=1, meta_batch=2, inner_steps=1, eval_tasks=2, eval_every=1,
                                out_dir=str(tmp_path / "maml")))
     assert len(out["history"]) == 2 and out["history"][-1]["query_mse_adapted"] > 0
+
+
+def test_the_adjoint_saves_as_much_for_backward_whatever_the_number_of_steps():
+    W, h0, _ = problem(n=8)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+
+    def saved(steps, adjoint):
+        storages = set()
+
+        def pack(x):
+            storages.add((x.untyped_storage().data_ptr(), x.untyped_storage().nbytes()))
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            odeint(tanh_field, h0, t, W, method="rk4", step_size=1 / steps, adjoint=adjoint)
+        return sum(n for _, n in storages)
+
+    assert saved(10, True) == saved(40, True)
+    assert saved(40, False) > 3 * saved(10, False) > 3 * saved(10, True)
