@@ -279,6 +279,10 @@ def test_csv_and_npz_files(tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("a,b,y\n1,2,0\n1,oops,1\n")
         make_task(str(bad))
+    with pytest.raises(ValueError, match=r"'holes': 1 examples hold missing or non-finite values \(first: example 1"):
+        holes = tmp_path / "holes.csv"
+        holes.write_text("a,b,y\n1,2,0\n1,nan,1\n3,4,1\n")
+        make_task(str(holes))
     with pytest.raises(ValueError, match=r"no target column 'label'; columns are \['a', 'b', 'species', 'c'\]"):
         make_task(str(csv), target="label")
     with pytest.raises(ValueError, match=r"data.task='binary' but the target has 3 distinct values"):

@@ -284,6 +284,13 @@ def make_task(
         idx = _split(N, (n_train, n_val, n_test), seed)
         parts = [(X[i], y_all[i.numpy()]) for i in idx]
     name = dataset.rsplit("/", 1)[-1].rsplit(".", 1)[0] if source == "file" else dataset
+    if source != "images":  # missing values would only show up later, as a NaN loss blamed on the solver
+        bad_rows = (~torch.isfinite(X).all(1)).nonzero().flatten().tolist()
+        if y_all.dtype.kind == "f":
+            bad_rows = sorted(set(bad_rows) | set(np.flatnonzero(~np.isfinite(y_all)).tolist()))
+        if bad_rows:
+            raise ValueError(f"data set {name!r}: {len(bad_rows)} examples hold missing or non-finite values "
+                             f"(first: example {bad_rows[0]}, counted from 0 after any header); remove or fill them.")
     task = _task_type(y_all, task, f"data set {name!r}")
     if model == "auto":
         model = "ridge" if task == "regression" else "logreg"
