@@ -473,3 +473,12 @@ def test_the_lock_works_without_hard_links(tmp_path, monkeypatch):
     with pytest.raises(RunFolderError, match="in use by pid 4242"):
         RunFolder(tmp_path)
     first.held = False   # the lock now names another holder; leave it to the test's tmp_path
+
+
+def test_a_config_file_with_a_python_tag_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "hostile.yaml"
+    path.write_text(f'run:\n  name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ValueError, match=r"hostile\.yaml"):
+        load_config(str(path))
+    assert not marker.exists()
