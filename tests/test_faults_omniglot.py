@@ -297,9 +297,17 @@ def test_a_damaged_cache_is_named_and_rebuilt(small, tmp_path, monkeypatch, dama
 def test_an_unwritable_cache_warns_and_continues(small, tmp_path, monkeypatch):
     (tmp_path / "blocker").write_text("")
     monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "blocker" / "cache"))
-    with pytest.warns(RuntimeWarning, match="without a cache"):
+    decoded = []
+    real = omniglot_data._decode
+    monkeypatch.setattr(omniglot_data, "_decode", lambda *a: decoded.append(1) or real(*a))
+    with pytest.warns(RuntimeWarning, match="without a cache") as record:
         images = load_omniglot((SMALL_SET,), DATA, download=False)
     assert torch.equal(images.images, small.images)
+    assert len(record) == 1 and decoded   # one warning, and given before the decoding (below)
+    with pytest.warns(RuntimeWarning, match="without a cache"):
+        with pytest.raises(KeyboardInterrupt):
+            monkeypatch.setattr(omniglot_data, "_decode", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            load_omniglot((SMALL_SET,), DATA, download=False)
 
 
 def test_a_truncated_zip_is_named_and_replaced_by_a_verified_download(tmp_path, monkeypatch):

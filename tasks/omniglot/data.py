@@ -231,6 +231,21 @@ def _read_cache(path: Path, characters: list[str], size: int, fingerprint: str) 
     return None
 
 
+def _cache_writable(path: Path) -> bool:
+    """Whether the cache folder of ``path`` can be written; if not, warn (the cache is optional) and return False."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError as err:
+        warnings.warn(f"cannot write the Omniglot image cache {path} ({err.strerror or err}); continuing without a "
+                      f"cache (set $BILEVEL_CACHE to a writable folder or data.cache=false).", RuntimeWarning,
+                      stacklevel=3)
+        return False
+
+
 def _write_cache(path: Path, data: OmniglotImages, fingerprint: str) -> None:
     """Write the cache atomically; an unwritable cache folder is a warning, since the cache is optional."""
     try:
@@ -281,6 +296,8 @@ def load_omniglot(sets: tuple[str, ...] = ("images_background", "images_evaluati
     expected = [char for source in sources for char in sorted(source.characters)]
     if cache and (cached := _read_cache(path, expected, size, fingerprint)) is not None:
         return cached
+    if cache:   # say so before the decoding, not after it
+        cache = _cache_writable(path)
     characters, images = [], []
     for source in sources:
         source.validate()
