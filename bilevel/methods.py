@@ -230,6 +230,8 @@ class Implicit:
             (any), ``Neumann()`` / ``fixed_point_iteration()``, ``Dense()`` (small, exact).
         condition: the optimality condition; ``None`` means ``stationarity(problem.inner_loss)``.
         hvp: ``"rev"`` or ``"fwd"`` products, see ``root_vjp``.
+        reg: set by ``imaml(reg)``: the proximal strength the method assumes. A problem whose inner loss is
+            ``proximal(loss, r)`` with ``r != reg`` is refused, so the number lives in one place.
 
     Example:
         >>> import torch, bilevel as bl
@@ -246,6 +248,7 @@ class Implicit:
     linear_solver: Callable = field(default_factory=CG)
     condition: Optional[Condition] = None
     hvp: str = "rev"
+    reg: Optional[float] = None
 
     def __post_init__(self):
         if self.hvp not in ("rev", "fwd"):
@@ -255,6 +258,11 @@ class Implicit:
 
     def __call__(self, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
                  params0: Optional[Params] = None) -> Hypergrad:
+        if self.reg is not None:
+            carried = getattr(getattr(problem.inner_loss, "__wrapped__", problem.inner_loss), "reg", None)
+            if carried is not None and carried != self.reg:
+                raise ValueError(f"imaml(reg={self.reg!r}) but the problem's inner loss is proximal(..., "
+                                 f"reg={carried!r}); use one number for both (e.g. one variable).")
         condition = self.condition or stationarity(problem.inner_loss)
         params, info = problem.solve(hparams, inner_batch, params0)
         hparams = tree.detach(hparams)
@@ -340,8 +348,8 @@ def imaml(reg: float, cg_steps: int = 5, damping: float = 0.0, tol: Optional[flo
     stop is relative (``tol``).
 
     Args:
-        reg: λ, the proximal regularisation (it is the problem's inner loss that carries it; checked here to be
-            positive, and used by ``system="reference"``).
+        reg: λ, the proximal regularisation: the problem's inner loss ``proximal(task_loss, reg)`` carries it, and a
+            call with a different ``proximal`` strength is refused (also used by ``system="reference"``).
         cg_steps: the Krylov budget (matrix-vector products).
         damping: added to the diagonal of the solved system.
         tol: relative residual of the solve; ``None``: ``default_tol`` of the dtype.
@@ -364,8 +372,8 @@ def imaml(reg: float, cg_steps: int = 5, damping: float = 0.0, tol: Optional[flo
     if solver == "gmres" and damping:
         raise ValueError("imaml(solver='gmres'): GMRES takes no damping; use cg, truncated_cg or minres.")
     if system == "paper":
-        return Implicit(krylov)
-    return Implicit(IMAMLSystem(krylov, reg, system, coef, lam_damping))
+        return Implicit(krylov, reg=reg)
+    return Implicit(IMAMLSystem(krylov, reg, system, coef, lam_damping), reg=reg)
 
 
 def neumann(steps: int = 20, alpha: float = 0.1, condition: Optional[Condition] = None,
