@@ -123,6 +123,31 @@ def test_torchdiffeq_cannot_run_under_torch_func_grad():
         grad(lambda h: torchdiffeq.odeint_adjoint(Field(), h, t).sum())(h0.detach())
 
 
+def test_forward_mode_through_the_adjoint_layer():
+    W, h0, t = problem()
+    W, h0 = W.detach(), h0.detach()
+    v, V = torch.randn_like(h0), torch.randn_like(W)
+    # fixed step: the variational equation under RK4 is the exact derivative of the discrete solve
+    tangents = [jvp(lambda h, w: odeint(tanh_field, h, t, w, method="rk4", step_size=0.1, adjoint=adjoint),
+                    (h0, W), (v, V))[1] for adjoint in (True, False)]
+    assert torch.allclose(tangents[0], tangents[1], atol=1e-14, rtol=0)
+    # a boundary value problem by shooting: x'' = −x, x(0) = 0, x(1) = c; root finds x'(0) = c / sin(1) with
+    # Newton (jacfwd through odeint), and its derivative in c by the implicit function theorem through the adjoint
+    from bilevel.layers import root
+
+    def miss(v, c):
+        state0 = torch.cat([torch.zeros(1, dtype=DT), v])
+        hs = odeint(lambda s, h: torch.stack([h[1], -h[0]]), state0, torch.tensor([0.0, 1.0], dtype=DT),
+                    rtol=1e-10, atol=1e-12)
+        return hs[-1, :1] - c
+
+    c = torch.tensor([1.0], dtype=DT, requires_grad=True)
+    v0 = root(miss, torch.zeros(1, dtype=DT), c)
+    v0.sum().backward()
+    assert math.isclose(float(v0.detach()), 1 / math.sin(1), rel_tol=1e-8)
+    assert math.isclose(float(c.grad), 1 / math.sin(1), rel_tol=1e-6)
+
+
 def test_jvp_without_the_adjoint():
     W, h0, t = problem()
     W, h0 = W.detach(), h0.detach()
