@@ -286,6 +286,16 @@ def qp(Q: Tensor, q: Tensor, G: Optional[Tensor] = None, h: Optional[Tensor] = N
     except RuntimeError:
         raise ValueError(f"qp: the batch shapes of Q, q, G, h, A, b do not broadcast: {shapes}.") from None
     eps = torch.finfo(dtype).eps
+    if not _under_vmap():
+        for name, x in zip("Q q G h A b".split(), inputs):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"qp: {name} contains NaN or inf.")
+        # a non-convex QP has no unique minimiser the KKT conditions could pin down
+        eig = torch.linalg.eigvalsh(((inputs[0] + inputs[0].transpose(-1, -2)) / 2).detach())
+        worst = eig[..., 0] / eig.abs().amax(-1).clamp(min=torch.finfo(dtype).tiny)
+        if bool((worst < -1e3 * eps).any()):
+            raise ValueError(f"qp: Q must be positive semidefinite; its smallest eigenvalue is "
+                             f"{float(eig[..., 0].min()):.3g}. Use Q = LᵀL, or add a multiple of the identity.")
     tol = max(1e-10, 1e2 * eps) if tol is None else tol
     backward = Dense() if backward is None else backward
     options = {"steps": steps, "tol": tol, "backward": backward, "record": record}

@@ -145,6 +145,8 @@ def test_bad_inputs_name_the_problem():
         (lambda: qp(Q, q, G, h, torch.ones(3, 2, dtype=DT), torch.ones(3, dtype=DT)), ValueError, "full row rank"),
         (lambda: qp(Q.long(), q), TypeError, "floating-point"),
         (lambda: qp(Q, q, steps=0), ValueError, "steps"),
+        (lambda: qp(-Q, q), ValueError, "positive semidefinite"),
+        (lambda: qp(Q, torch.tensor([float("nan"), 0.0], dtype=DT)), ValueError, "q contains NaN"),
         (lambda: qp(torch.eye(2, dtype=DT).expand(3, 2, 2), torch.zeros(2, 2, dtype=DT)), ValueError, "broadcast"),
     ]
     for call, error, words in cases:
