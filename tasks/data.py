@@ -224,7 +224,7 @@ def download_idx_dataset(name: str, root: str | os.PathLike | None = None) -> Pa
 
 def sklearn_loaders() -> list[str]:
     """Names of scikit-learn's bundled tabular data sets: every ``sklearn.datasets.load_<name>`` that returns
-    ``(X, y)`` (``breast_cancer``, ``diabetes``, ``digits``, ``iris``, ``linnerud``, ``wine``); none needs a download."""
+    ``(X, y)`` (``breast_cancer``, ``diabetes``, ``digits``, ``iris``, ``linnerud``, ``wine``); none downloads."""
     import inspect
 
     from sklearn import datasets  # scikit-learn is a task dependency, not a library one

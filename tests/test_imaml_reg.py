@@ -18,7 +18,8 @@ def problem(reg):
 @pytest.mark.parametrize("system", ["paper", "reference"])
 def test_imaml_refuses_a_different_proximal_strength(system):
     prob, hparams, batch = problem(2.0)
-    with pytest.raises(ValueError, match=r"imaml\(reg=1.0\) but the problem's inner loss is proximal\(\.\.\., reg=2.0\)"):
+    message = r"imaml\(reg=1.0\) but the problem's inner loss is proximal\(\.\.\., reg=2.0\)"
+    with pytest.raises(ValueError, match=message):
         bl.meta_grad(bl.imaml(1.0, system=system), prob, hparams, batch, batch)
 
 

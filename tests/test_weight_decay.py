@@ -263,7 +263,8 @@ def test_csv_and_npz_files(tmp_path):
     assert task.task == "multiclass" and task.classes == tuple(names) and task.train[0].shape[1] == 3
     assert task.name == "logreg/flowers/scalar"
     # Regression: the last column (no header), a continuous target.
-    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(90, generator=g, dtype=torch.float64)
+    noise = 0.1 * torch.randn(90, generator=g, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise
     reg = tmp_path / "reg.csv"
     reg.write_text("\n".join(",".join(f"{v:.8f}" for v in row) for row in torch.cat([X, y[:, None]], 1).tolist()))
     task = make_task(str(reg))

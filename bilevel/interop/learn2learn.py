@@ -1,34 +1,20 @@
-"""learn2learn task sets and models with bilevel's hypergradient engine.
+"""learn2learn task sets and models with bilevel's hypergradient engine (guide: ``docs/learn2learn.md``).
 
 learn2learn (Arnold et al., 2020, https://github.com/learnables/learn2learn) describes few-shot tasks with a
-``TaskDataset`` over a ``MetaDataset`` and task transforms (``NWays``, ``KShots``, ``LoadData``, ``RemapLabels``), and
-differentiates through adaptation with a stateful wrapper, ``l2l.algorithms.MAML``. Here a task set becomes a stream
-of stacked meta-batches for :func:`bilevel.meta_grad`, and a module becomes a pure loss on a ``params`` dict through
-:func:`torch.func.functional_call`, so every bilevel method (``Unrolled``, ``imaml``, ``neumann``, ...) applies::
+``Taskset`` (formerly ``TaskDataset``) over a ``MetaDataset`` and task transforms (``NWays``, ``KShots``,
+``LoadData``, ``RemapLabels``), and differentiates through adaptation with a stateful wrapper,
+``l2l.algorithms.MAML``. Here a task set becomes a stream of stacked meta-batches for ``bilevel.meta_grad``
+(`meta_batches`), and a module becomes a pure loss on a ``params`` dict through ``torch.func.functional_call``
+(`module_loss`), so every bilevel method applies.
 
-    import bilevel as bl
-    from bilevel.interop import learn2learn as bl_l2l
+The support/query split is learn2learn's own (``fast_adapt`` in its ``examples/vision/maml_omniglot.py``): with
+``KShots(k=2·shots)``, the even positions ``0, 2, …, 2·(ways·shots − 1)`` of a task are the support set and the
+others the query set. Deviations from learn2learn's MAML: ``meta_grad`` returns the mean of the per-task
+gradients, which is what learn2learn's examples compute by scaling the summed gradients by ``1/meta_batch_size``;
+adaptation never clones or mutates a module; batch norm always uses the batch's statistics (see `module_loss`).
 
-    tasks = l2l.data.TaskDataset(meta, task_transforms=[NWays(meta, 5), KShots(meta, 2 * shots), LoadData(meta),
-                                                        RemapLabels(meta)])
-    model = l2l.vision.models.OmniglotCNN(output_size=5)
-    loss = bl_l2l.module_loss(model)                       # (params, hparams, batch) -> cross-entropy
-    problem = bl.Problem(loss, loss, bl.GradientDescent(lr=0.4, steps=1), init=bl.meta_init)
-    hparams = bl_l2l.meta_params(model)                     # θ, the meta-initialisation
-    for inner_batches, outer_batches in bl_l2l.meta_batches(tasks, tasks_per_batch=32, ways=5, shots=shots):
-        out = bl.meta_grad(bl.Unrolled(), problem, hparams, inner_batches, outer_batches)
-
-The support/query split is learn2learn's own (``examples/vision/maml_omniglot.py``, ``fast_adapt``): a task holds
-``ways·2·shots`` samples, the even positions ``0, 2, …, 2·(ways·shots − 1)`` are the support set and the others the
-query set, so ``KShots(k=2·shots)`` gives ``shots`` support and ``shots`` query samples per class. Deviations from
-learn2learn's MAML: the task loss is not divided by the number of tasks (``meta_grad`` returns the mean over tasks,
-which is learn2learn's sum of per-task gradients scaled by ``1/meta_batch_size`` as its examples do before
-``opt.step()``); adaptation never mutates a cloned module.
-
-Installing learn2learn 0.2.0: its PyPI sdist does not build on Python 3.11 as shipped, and its dependencies would
-replace a CPU build of torch; ``bash tools/install_learn2learn.sh`` regenerates its Cython sources and installs it
-with ``--no-deps``. ``import learn2learn`` itself then still needs ``gym`` and ``torchvision``; :func:`load` returns
-the parts used here (``data``, ``algorithms``, ``nn``, ``utils``, ``vision.models``) without them.
+learn2learn 0.2.0 is installed by ``bash tools/install_learn2learn.sh``: its PyPI sdist does not build on Python
+3.11 as shipped, and its requirements would replace a CPU build of torch.
 """
 
 from __future__ import annotations
@@ -54,7 +40,7 @@ def load() -> types.ModuleType:
 
     ``import learn2learn`` imports ``learn2learn.gym`` (needs gym) and ``learn2learn.vision.datasets`` (needs
     torchvision, whose PyPI wheels do not load next to a CPU build of torch). When that import fails for one of
-    those two reasons, this returns a package holding ``data`` (``MetaDataset``, ``TaskDataset``, ``transforms``),
+    those two reasons, this returns a package holding ``data`` (``MetaDataset``, ``Taskset``, ``transforms``),
     ``algorithms`` (``MAML``, ``MetaSGD``), ``nn``, ``utils`` and ``vision.models`` (``OmniglotCNN``, ``CNN4``, ...),
     loaded from the installed files with empty parent packages.
 
@@ -95,7 +81,7 @@ def split_task(task, ways: int, shots: int):
     """Split one learn2learn task ``(X, y)`` into a support and a query batch, as learn2learn's examples do.
 
     Args:
-        task: ``(X, y)`` as returned by ``TaskDataset.sample()`` (after ``LoadData``): ``ways·k`` samples with
+        task: ``(X, y)`` as returned by ``Taskset.sample()`` (after ``LoadData``): ``ways·k`` samples with
             ``k >= 2·shots`` per class.
         ways, shots: classes per task and support samples per class.
 
@@ -104,7 +90,7 @@ def split_task(task, ways: int, shots: int):
         remaining ones.
     """
     if not (isinstance(task, (tuple, list)) and len(task) == 2):
-        raise TypeError(f"split_task: a task is (X, y) as TaskDataset.sample() returns it with LoadData in its "
+        raise TypeError(f"split_task: a task is (X, y) as Taskset.sample() returns it with LoadData in its "
                         f"transforms; got {type(task).__name__}.")
     X, y = task
     X, y = torch.as_tensor(X), torch.as_tensor(y)
@@ -120,17 +106,17 @@ def split_task(task, ways: int, shots: int):
 
 def meta_batches(taskset, tasks_per_batch: int, ways: int, shots: int, *, num_batches: Optional[int] = None,
                  device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> Iterator:
-    """Meta-batches for :func:`bilevel.meta_grad` from a learn2learn ``TaskDataset`` (anything with ``sample()``).
+    """Meta-batches for `bilevel.meta_grad` from a learn2learn ``Taskset`` (anything with ``sample()``).
 
     Each item is ``(inner_batches, outer_batches)``: the support and query sets of ``tasks_per_batch`` tasks from
-    ``taskset.sample()``, split by :func:`split_task` and stacked along a new leading task dimension, e.g.
+    ``taskset.sample()``, split by `split_task` and stacked along a new leading task dimension, e.g.
     ``X_support [T, ways·shots, 1, 28, 28]`` and ``y_support [T, ways·shots]``. Labels become int64.
 
     Args:
-        taskset: a ``learn2learn.data.TaskDataset`` whose transforms end with ``LoadData`` (and usually
+        taskset: a ``learn2learn.data.Taskset`` (or ``TaskDataset``) whose transforms end with ``LoadData`` (and usually
             ``RemapLabels``, so labels are ``0..ways-1`` as a classifier's outputs need).
         tasks_per_batch: tasks per meta-batch (T).
-        ways, shots: as :func:`split_task`.
+        ways, shots: as `split_task`.
         num_batches: stop after this many meta-batches; ``None``: an endless stream.
         device, dtype: move the inputs (not the labels) there.
     """
@@ -138,7 +124,7 @@ def meta_batches(taskset, tasks_per_batch: int, ways: int, shots: int, *, num_ba
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"meta_batches({key}={value!r}): must be a positive int.")
     if not callable(getattr(taskset, "sample", None)):
-        raise TypeError(f"meta_batches: taskset must have a sample() method like learn2learn.data.TaskDataset; got "
+        raise TypeError(f"meta_batches: taskset must have a sample() method like learn2learn.data.Taskset; got "
                         f"{type(taskset).__name__}.")
     count = 0
     while num_batches is None or count < num_batches:
@@ -150,9 +136,9 @@ def meta_batches(taskset, tasks_per_batch: int, ways: int, shots: int, *, num_ba
 
 
 def module_loss(module: torch.nn.Module, loss: Callable = F.cross_entropy) -> Callable:
-    """``(params, hparams, batch) -> loss(module(X; params), y)`` through :func:`torch.func.functional_call`.
+    """``(params, hparams, batch) -> loss(module(X; params), y)`` through `torch.func.functional_call`.
 
-    ``params`` replaces the module's parameters by name (see :func:`meta_params`). The loss runs a private copy
+    ``params`` replaces the module's parameters by name (see `meta_params`). The loss runs a private copy
     of ``module``; the module itself is never changed. Batch norm layers of the copy always normalise with the
     statistics of the batch they see and keep no running statistics (``torch.func.replace_all_batch_norm_modules_``):
     updating running statistics in place cannot happen inside ``torch.func`` transforms, and learn2learn's
