@@ -86,7 +86,10 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
         outer_batch: data of the outer problem (the query set; the validation split).
         params0: where the inner solve starts (warm start); default ``problem.init(hparams)``.
         on_nonconvergence: ``"raise" | "warn" | "ignore"`` when a solve the method relies on did not converge.
-        on_nonfinite: ``"raise" | "warn" | "ignore"`` for NaN or inf anywhere (never silent by default).
+            Warnings come once per call site and cause, then at the 10th, 100th ... time
+            (``bl.diagnostics.warning_counts()`` has every count); the numbers are in ``inner_info``/``linear_info``.
+        on_nonfinite: ``"raise" | "warn" | "ignore"`` for NaN or inf anywhere (never silent by default);
+            ``"skip_task"`` (for ``meta_grad``) raises here, with a single task there is nothing to fall back on.
 
     Returns:
         A ``Hypergrad``.
