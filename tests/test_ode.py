@@ -107,7 +107,7 @@ def test_torch_func_grad_and_vmap_work_through_the_adjoint():
     assert len(set(info.accepted.tolist())) > 1  # the entries took different numbers of steps
 
 
-def test_torchdiffeq_cannot_run_under_torch_func_grad():
+def test_torchdiffeq_cannot_run_under_torch_func_grad_or_vmap():
     torchdiffeq = pytest.importorskip("torchdiffeq")
     W, h0, t = problem()
 
@@ -121,6 +121,10 @@ def test_torchdiffeq_cannot_run_under_torch_func_grad():
 
     with pytest.raises(RuntimeError, match="setup_context"):
         grad(lambda h: torchdiffeq.odeint_adjoint(Field(), h, t).sum())(h0.detach())
+    with pytest.raises(RuntimeError, match="setup_context"):
+        vmap(lambda h: torchdiffeq.odeint_adjoint(Field(), h, t))(torch.stack([h0.detach(), h0.detach()]))
+    with pytest.raises(RuntimeError, match="setup_context"):  # its adaptive solver, even without the adjoint
+        grad(lambda h: torchdiffeq.odeint(Field(), h, t, method="dopri5").sum())(h0.detach())
 
 
 def test_forward_mode_through_the_adjoint_layer():
