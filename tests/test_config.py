@@ -1,0 +1,53 @@
+"""The workloads' one configuration helper (tasks/config.py): both workloads load through it and report every
+config mistake as one line naming the key or the file."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from tasks import config
+from tasks.omniglot.config import load_config as omniglot_config
+from tasks.weight_decay.config import load_config as weight_decay_config
+
+
+@dataclass
+class Inner:
+    steps: int = 10  # a documented default
+
+
+@dataclass
+class Schema:
+    inner: Inner = field(default_factory=Inner)
+    name: str = "x"
+    wandb: config.WandbConfig = field(default_factory=config.WandbConfig)
+
+
+def test_defaults_files_then_overrides(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("inner: {steps: 3}\nname: from_file\n")
+    cfg = config.load(Schema, [f], ["name=from_cli"])
+    assert (cfg.inner.steps, cfg.name, cfg.wandb.mode) == (3, "from_cli", "offline")
+
+
+@pytest.mark.parametrize("load", [lambda o: omniglot_config("demo", o), lambda o: weight_decay_config([], o)],
+                         ids=["omniglot", "weight_decay"])
+@pytest.mark.parametrize("override, message", [
+    ("wandb.mode=cloud", "wandb.mode"), ("nosuch.key=1", "nosuch"), ("wandb", "key=value")])
+def test_both_workloads_give_one_line_errors(load, override, message):
+    with pytest.raises(config.ConfigError, match=message) as err:
+        load([override])
+    assert "\n" not in str(err.value) and str(err.value).startswith("invalid config")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("meta:\n  steps: [1, 2\n")
+    with pytest.raises(config.ConfigError, match=r"YAML syntax error in .*broken.yaml at line 3"):
+        omniglot_config(str(bad), [])
+
+
+def test_check_writable(tmp_path):
+    assert config.check_writable(tmp_path / "new" / "dir", "out_dir").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(config.ConfigError, match=r"out_dir='.*file/sub' is not writable"):
+        config.check_writable(tmp_path / "file" / "sub", "out_dir")
