@@ -159,8 +159,11 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
         info: SolveInfo = out.inner_info
         bad = sel(~info.converged)
         if bool(bad.any()):
+            relative = ""
+            if isinstance(info.scale, torch.Tensor):  # how far it got from the start
+                relative = f", {_worst(info.residual / info.scale, bad):.2g} of the start's"
             problems.append(("inner", f"More inner steps or a larger inner lr: the inner solve did not converge on "
-                                      f"{_tasks(bad)} (gradient norm {_worst(info.residual, bad):.3g})."))
+                                      f"{_tasks(bad)} (gradient norm {_worst(info.residual, bad):.3g}{relative})."))
         linfo: SolveInfo = out.linear_info
         bad = sel(~linfo.converged)
         if bool(bad.any()):
