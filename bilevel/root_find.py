@@ -62,7 +62,7 @@ class _Probe:
     ``||u|| / ||z̄||`` (a lower bound on ``||A⁻¹||``) and ``||A||`` by ``power_steps`` power iterations with
     ``Aᵀ`` (a lower bound too): their product is a lower bound on the condition number of ``A``."""
 
-    def __init__(self, solver: Callable, power_steps: int = 3):
+    def __init__(self, solver: Callable, power_steps: int = 2):
         self.solver, self.power_steps = solver, power_steps
         self.amplification = self.norm = None
 
