@@ -35,7 +35,9 @@ def saved_bytes(fn):
         if key not in seen:
             seen.add(key)
             total[0] += key[1]
-        return x
+        # a detached alias: returning x itself would make a saved output reference its own grad_fn, a cycle
+        # that is never freed
+        return x.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = fn()
