@@ -2,9 +2,9 @@
 
 Every ```python block of a docs page runs, in order, in one namespace per page; a block preceded by
 ``<!-- not run: <reason> -->`` is skipped (it needs files a fresh checkout does not have). The API reference
-(``docs/api/*.md``, one ``::: bilevel.<name>`` per public name) is checked against ``bilevel.__all__`` and the
-public functions of ``bilevel.layers``, and every page against the site's navigation (``mkdocs.yml``). The site
-itself is built by ``make docs-build`` (``mkdocs build --strict``) in CI.
+(``docs/api/*.md``, one ``::: bilevel.<name>`` per public name) is checked against the ``__all__`` of ``bilevel``,
+``bilevel.layers``, ``bilevel.interop`` and its bridges, and every page against the site's navigation
+(``mkdocs.yml``). The site itself is built by ``make docs-build`` (``mkdocs build --strict``) in CI.
 """
 
 import doctest
@@ -16,12 +16,14 @@ import pytest
 import yaml
 
 import bilevel
+import bilevel.interop
 import bilevel.layers
 from bilevel import inner, methods, testing
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>.*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
+PUBLIC_MODULES = (bilevel, bilevel.layers, bilevel.interop, bilevel.interop.learn2learn)
 PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 
 
@@ -64,11 +66,7 @@ def _documented():
 
 
 def test_api_reference_covers_every_public_name():
-    public = {f"bilevel.{name}" for name in bilevel.__all__}
-    layer_names = getattr(bilevel.layers, "__all__", None) or [
-        name for name, obj in vars(bilevel.layers).items()
-        if not name.startswith("_") and getattr(obj, "__module__", None) == "bilevel.layers"]
-    public |= {f"bilevel.layers.{name}" for name in layer_names}
+    public = {f"{module.__name__}.{name}" for module in PUBLIC_MODULES for name in module.__all__}
     assert {"bilevel.layers.fixed_point", "bilevel.layers.root", "bilevel.layers.argmin"} <= public
     missing = sorted(public - _documented())
     assert not missing, f"public names missing from the API reference: {missing}; add `::: <name>` to a docs/api page"
@@ -102,7 +100,7 @@ def _args_entries(doc):
 
 
 def _public_callables():
-    for module in (bilevel, bilevel.layers):
+    for module in PUBLIC_MODULES:
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):
