@@ -325,3 +325,17 @@ def test_a_100_step_loop_warns_a_bounded_number_of_short_times():
     assert all(w.filename == __file__ for w in caught)  # attributed to the caller's line
     (site, cause), count = next(iter(warning_counts().items()))
     assert cause == "unconverged" and count == 100 and site.startswith(__file__)
+
+
+@pytest.mark.parametrize("system, solver", [("reference", "cg"), ("paper", "minres")])
+def test_imaml_systems_under_vmap_equal_a_loop(system, solver):
+    (xs, ys), (xq, yq) = fewshot_tasks(num_tasks=3)
+    problem = bl.Problem(bl.proximal(task_loss, 2.0), task_loss, bl.GradientDescent(lr=0.1, steps=5),
+                         init=bl.meta_init)
+    method = bl.imaml(reg=2.0, cg_steps=4, system=system, solver=solver)
+    loop, vec = (bl.meta_grad(method, problem, mlp_params(), (xs, ys), (xq, yq), batching=b,
+                              on_nonconvergence="ignore") for b in ("loop", "vmap"))
+    for k in loop.grad:
+        assert torch.allclose(loop.grad[k], vec.grad[k], rtol=1e-10, atol=1e-13)
+    assert torch.allclose(loop.linear_info.residual, vec.linear_info.residual, rtol=1e-8)
+    assert loop.linear_info.indefinite.tolist() == vec.linear_info.indefinite.tolist()
