@@ -244,6 +244,9 @@ def test_ode_examples_run_on_tiny_settings(tmp_path):
     out = maml.run(maml.Config(meta_steps=1, meta_batch=2, inner_steps=1, eval_tasks=2, eval_every=1,
                                out_dir=str(tmp_path / "maml")))
     assert len(out["history"]) == 2 and out["history"][-1]["query_mse_adapted"] > 0
+    odenet = example("odenet_mnist")
+    out = odenet.run(odenet.Config(train_size=200, test_size=100, out_dir=str(tmp_path / "odenet")))
+    assert 0 <= out["test_acc"] <= 1 and out["mean_nfe_backward"] > 0 and out["saved_for_backward_mb"] > 0
 
 
 def test_the_adjoint_saves_as_much_for_backward_whatever_the_number_of_steps():
