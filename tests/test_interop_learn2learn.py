@@ -104,6 +104,14 @@ def test_module_loss_leaves_the_module_alone(model):
     assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics too
 
 
+def test_module_call_is_the_module_in_training_mode(model):
+    X = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    call = bl_l2l.module_call(model)
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(call(bl_l2l.meta_params(model), X), model(X), rtol=1e-12, atol=1e-12)
+
+
 def test_bad_inputs_are_named(taskset, model):
     X, y = taskset.sample()
     with pytest.raises(ValueError, match=r"needs at least 2·ways·shots = 12 .*KShots\(k=4\)"):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
-__all__ = ["load", "split_task", "meta_batches", "module_loss", "meta_params"]
+__all__ = ["load", "split_task", "meta_batches", "module_call", "module_loss", "meta_params"]
 
 INSTALL = "bash tools/install_learn2learn.sh (from a bilevel checkout)"
 
@@ -135,16 +135,31 @@ def meta_batches(taskset, tasks_per_batch: int, ways: int, shots: int, *, num_ba
         count += 1
 
 
-def module_loss(module: torch.nn.Module, loss: Callable = F.cross_entropy) -> Callable:
-    """``(params, hparams, batch) -> loss(module(X; params), y)`` through `torch.func.functional_call`.
+def module_call(module: torch.nn.Module) -> Callable:
+    """``(params, X) -> module(X)`` with ``params`` in place of the module's parameters (``functional_call``).
 
-    ``params`` replaces the module's parameters by name (see `meta_params`). The loss runs a private copy
-    of ``module``; the module itself is never changed. Batch norm layers of the copy always normalise with the
-    statistics of the batch they see and keep no running statistics (``torch.func.replace_all_batch_norm_modules_``):
-    updating running statistics in place cannot happen inside ``torch.func`` transforms, and learn2learn's
-    ``OmniglotCNN`` and ``CNN4`` in training mode (how its MAML examples adapt and evaluate) use the batch
-    statistics too, so their outputs are the same. Use the same loss as inner and outer loss of a meta-learning
-    ``Problem``.
+    Runs a private copy of ``module``; the module itself is never changed. Batch norm layers of the copy always
+    normalise with the statistics of the batch they see and keep no running statistics
+    (``torch.func.replace_all_batch_norm_modules_``): updating running statistics in place cannot happen inside
+    ``torch.func`` transforms, and learn2learn's ``OmniglotCNN`` and ``CNN4`` in training mode (how its MAML examples
+    adapt and evaluate) use the batch statistics too, so their outputs are the same.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module_call: expected a torch.nn.Module, got {type(module).__name__}.")
+    module = copy.deepcopy(module)
+    replace_all_batch_norm_modules_(module)
+
+    def call(params, X):
+        return functional_call(module, params, (X,))
+
+    return call
+
+
+def module_loss(module: torch.nn.Module, loss: Callable = F.cross_entropy) -> Callable:
+    """``(params, hparams, batch) -> loss(module(X; params), y)``, the module run by `module_call`.
+
+    Use the same loss as inner and outer loss of a meta-learning ``Problem``; ``hparams`` (the meta-parameters θ)
+    enter through the problem's ``init`` (``bl.meta_init``) or a proximal term, not through this loss.
 
     Args:
         module: any ``torch.nn.Module`` whose forward takes the inputs ``X`` of a batch ``(X, y)``.
@@ -152,12 +167,11 @@ def module_loss(module: torch.nn.Module, loss: Callable = F.cross_entropy) -> Ca
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module_loss: expected a torch.nn.Module, got {type(module).__name__}.")
-    module = copy.deepcopy(module)
-    replace_all_batch_norm_modules_(module)
+    call = module_call(module)
 
     def module_loss_fn(params, hparams, batch):
         X, y = batch
-        return loss(functional_call(module, params, (X,)), y)
+        return loss(call(params, X), y)
 
     return module_loss_fn
 
