@@ -128,7 +128,7 @@ class _ImplicitSolve(torch.autograd.Function):
                         "solution (for a fixed point: that f is contractive there).", spec.on_nonconvergence,
                         spec.on_nonfinite)
             _warn_derivative(what, probe, float(torch.linalg.vector_norm(residual["z"].detach())),
-                             float(torch.linalg.vector_norm(z.detach())), z.dtype)
+                             float(torch.linalg.vector_norm(z.detach())), z.dtype, getattr(spec.solver, "tol", None))
         out = [None] * len(tensors)
         for key, value in grads.items():
             out[int(key)] = value

@@ -84,22 +84,32 @@ class _Probe:
         return x, info
 
 
-def _warn_derivative(what: str, probe: _Probe, forward_residual: float, z_norm: float, dtype: torch.dtype):
-    """Warn when the implicit derivative cannot be trusted (outside ``vmap``; messages are rounded to an order of
-    magnitude so that Python's warning filter shows each cause once)."""
+_WARNED: set = set()  # (what, cause): each is warned once per process, whatever the numbers in the message
+
+
+def _warn_once(what: str, cause: str, message: str, stacklevel: int):
+    if (what, cause) not in _WARNED:
+        _WARNED.add((what, cause))
+        warnings.warn(message, ConditioningWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_derivative(what: str, probe: _Probe, forward_residual: float, z_norm: float, dtype: torch.dtype,
+                     forward_tol: Optional[float] = None):
+    """Warn (once per layer and cause, outside ``vmap``) when the implicit derivative cannot be trusted. A forward
+    solve that stopped above ``forward_tol`` was already reported by the forward policy: it is not warned again."""
     if probe.amplification is None or probe.norm is None:
         return
     eps = torch.finfo(dtype).eps
     cond = probe.amplification * probe.norm
     shift = probe.amplification * forward_residual
     if cond * eps > 1e-2:
-        warnings.warn(f"{what}: check that the solution is isolated (∂F/∂z is nearly singular there, condition "
-                      f"number >= {cond:.0e}): the derivative has lost most of its digits.", ConditioningWarning,
-                      stacklevel=3)
-    elif shift > 1e-3 * max(z_norm, eps ** 0.5):  # the solution is uncertain by more than 0.1% of its size
-        warnings.warn(f"{what}: tighten the forward solve's tol: its residual {forward_residual:.0e} can move the "
-                      f"solution by {shift:.0e} (||(∂F/∂z)⁻¹|| >= {probe.amplification:.0e}), so the derivative is "
-                      f"unreliable.", ConditioningWarning, stacklevel=3)
+        _warn_once(what, "singular", f"{what}: check that the solution is isolated (∂F/∂z is nearly singular there, "
+                   f"condition number >= {cond:.0e}): the derivative has lost most of its digits.", 3)
+    elif shift > 1e-3 * max(z_norm, eps ** 0.5) and (forward_tol is None or forward_residual <= forward_tol):
+        # the solution is uncertain by more than 0.1% of its size
+        _warn_once(what, "shift", f"{what}: tighten the forward solve's tol: its residual {forward_residual:.0e} can "
+                   f"move the solution by {shift:.0e} (||(∂F/∂z)⁻¹|| >= {probe.amplification:.0e}), so the "
+                   f"derivative is unreliable.", 3)
 
 
 def _warn_loose_forward(what: str, residual: float, z_norm: float, backward_tol: Optional[float],
@@ -110,9 +120,8 @@ def _warn_loose_forward(what: str, residual: float, z_norm: float, backward_tol:
     tol = eps ** 0.5 if backward_tol is None else max(backward_tol, eps)
     relative = residual / max(z_norm, 1.0)
     if relative > 1e3 * tol and relative > 100 * eps ** 0.5:
-        warnings.warn(f"{what}: tighten the forward solve's tol: its residual ({relative:.0e} relative) is far looser "
-                      f"than the backward tol {tol:.0e}, and the implicit derivative assumes F(z*) = 0.",
-                      ConditioningWarning, stacklevel=4)
+        _warn_once(what, "loose", f"{what}: tighten the forward solve's tol: its residual ({relative:.0e} relative) is "
+                   f"far looser than the backward tol {tol:.0e}, and the implicit derivative assumes F(z*) = 0.", 4)
 
 
 class Record:

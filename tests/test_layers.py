@@ -8,6 +8,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, vmap
 
+import bilevel.root_find
 from bilevel.diagnostics import NonConvergenceError, NonConvergenceWarning, NonFiniteError
 from bilevel.layers import ConditioningWarning, Record, argmin, fixed_point, root
 from bilevel.linear_solve import CG, GMRES, Dense, NormalCG, fixed_point_iteration
@@ -335,6 +336,7 @@ def test_record_holds_the_forward_and_backward_solve_info():
 
 
 def test_a_degenerate_root_warns_that_its_derivative_is_unreliable():
+    bilevel.root_find._WARNED.clear()  # each cause is warned once per process
     # z² = a at a = 0: Newton converges only linearly, stops at z ≈ 6e-5 and dz/da = 1/(2z) ≈ 8e3, while the true
     # derivative is unbounded; the warning says so
     a = torch.tensor([0.0], dtype=DT, requires_grad=True)
@@ -350,15 +352,17 @@ def test_a_degenerate_root_warns_that_its_derivative_is_unreliable():
 
 
 def test_a_coarse_forward_with_a_strict_backward_warns():
+    bilevel.root_find._WARNED.clear()  # each cause is warned once per process
     x, W = make()
     with pytest.warns(ConditioningWarning, match="far looser"):
         z = fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=50, tol=1e-2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConditioningWarning)
         z.sum().backward()
-    # no warning when nothing asks for a derivative, or the forward is tight
+    # no warning when nothing asks for a derivative, or the forward is tight; and each cause only once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=50, tol=1e-2))
         with torch.no_grad():
             fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=50, tol=1e-2))
         fixed_point(tanh_layer, torch.zeros(5, dtype=DT), x, W, solver=Anderson(steps=100, tol=1e-12)).sum().backward()
