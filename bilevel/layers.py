@@ -8,6 +8,10 @@ with an explicit layer:
     root(F, z0, *args)              F(z*, *args) = 0                       F(z) = F(z)
     argmin(objective, z0, *args)    z* = argmin_z objective(z, *args)      F(z) = ∇_z objective(z, *args)
 
+Two more layers live in their own modules and are exported here: ``odeint`` (``bilevel.ode``: Neural ODEs with the
+adjoint method) and ``qp`` (``bilevel.qp``: quadratic programs with inequality constraints, differentiated
+through their KKT conditions).
+
 The forward solve runs outside autograd with a solver from ``bilevel.root_find``; no iterate is stored. The
 backward pass is chosen with ``backward=``:
 
@@ -31,7 +35,13 @@ output, so its dependence on the inputs is differentiated again by the same rule
 Non-convergence of the forward solve or of the backward linear solve follows the engine's policy:
 ``on_nonconvergence`` / ``on_nonfinite`` in ``"raise" | "warn" | "ignore"``. Under ``vmap`` no Python decision
 on tensors is possible, so the policy is skipped there: pass ``return_info=True`` and check the returned
-``SolveInfo`` after ``vmap``.
+``SolveInfo`` after ``vmap``. ``record=Record()`` keeps the forward and the backward solve's ``SolveInfo``.
+
+Outside ``vmap`` the layers also say when the derivative cannot be trusted, with a ``ConditioningWarning`` (once
+per layer and cause): when the forward residual is far looser than the backward solve's tolerance (the implicit
+derivative assumes ``F(z*) = 0``), and when ``∂F/∂z`` is nearly singular at the solution, judged from the
+backward solve's amplification ``||u|| / ||z̄||`` (a lower bound on ``||(∂F/∂z)⁻¹||``) and two power steps for
+``||∂F/∂z||``: a condition number near ``1/eps``, or a forward residual that can move ``z*`` by more than 0.1%.
 """
 
 from __future__ import annotations
