@@ -132,7 +132,7 @@ def main():
     tasks = work.samplers["train"].sample(0, args.tasks)
     thetas = [("conv4 init", work.model, work.model.init_params())]
     if args.checkpoint:
-        state = torch.load(args.checkpoint, weights_only=False, map_location="cpu")
+        state = torch.load(args.checkpoint, weights_only=True, map_location="cpu")   # tensors and plain containers
         thetas.append((f"conv4 step {state['step']}", work.model, dict(state["hparams"])))
     rows, ref_info = [], []
     for label, model, theta in thetas:
