@@ -223,6 +223,7 @@ def test_second_order_through_the_adjoint_equals_backprop():
     assert torch.allclose(grad(maml)(W, True), grad(maml)(W, False), atol=1e-8, rtol=0)
 
 
+@pytest.mark.slow
 def test_ode_examples_run_on_tiny_settings(tmp_path):
     import importlib.util
     import sys

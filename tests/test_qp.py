@@ -154,6 +154,7 @@ def test_bad_inputs_name_the_problem():
             call()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_qp_example_runs_on_tiny_settings(tmp_path):
     pytest.importorskip("cvxpylayers")
