@@ -226,6 +226,26 @@ def test_finished_run_is_kept_unless_overwrite(tmp_path):
     claim_out_dir(tmp_path / "fresh" / "nested")  # created on demand
 
 
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    import tasks.weight_decay.experiment as experiment
+    monkeypatch.setattr(experiment, "_run", lambda cfg, write: {"ran": True})
+    cfg = load_config([], [f"out_dir={tmp_path}", "wandb.mode=disabled"])
+    # A live run (this test's parent process) holds the folder: refused, naming it.
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}
+    (tmp_path / "run.lock").write_text(json.dumps(holder))
+    with pytest.raises(ConfigError, match=rf"is in use by pid {os.getppid()} on .* \(since earlier\)"):
+        run(cfg)
+    # A process that has ended left its lock behind: taken over, and released at the end.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(json.dumps({**holder, "pid": int(gone.stdout)}))
+    assert run(cfg) == {"ran": True}
+    assert not (tmp_path / "run.lock").exists()
+
+
 @pytest.mark.parametrize("name, task_type, classes, features", [
     ("iris", "multiclass", 3, 4), ("wine", "multiclass", 3, 13), ("breast_cancer", "binary", 2, 30),
     ("digits", "multiclass", 10, 64), ("diabetes", "regression", 0, 10)])

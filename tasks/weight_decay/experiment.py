@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def claim_out_dir(out_dir: str, overwrite: bool = False) -> Path:
     The folder is created and proven writable (a read-only folder is found now, not at ``results.json`` after the
     search). A folder holding a finished run (``results.json``) is refused unless ``overwrite``, which deletes that
     run's files first so two runs' files are never mixed. Stray files of an unfinished run are replaced silently.
+    :func:`run` also holds ``run.lock`` in the folder while it works, so two runs never share a folder.
 
     Raises:
         tasks.config.ConfigError: the folder is not writable, or holds a finished run and ``overwrite`` is off.
@@ -75,14 +77,63 @@ def run(cfg, write: bool = True) -> dict:
     config is validated and, when ``write``, ``out_dir`` is claimed (:func:`claim_out_dir`).
     """
     validate(cfg)
+    lock = None
     if write:
-        claim_out_dir(cfg.out_dir, cfg.overwrite)
+        out = check_writable(cfg.out_dir, "out_dir")
+        lock = _lock(out)  # before looking at the folder's contents: two runs cannot both pass the check
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
     try:
+        if write:
+            claim_out_dir(cfg.out_dir, cfg.overwrite)
+        torch.set_num_threads(cfg.threads)
         return _run(cfg, write)
     finally:
         torch.set_num_threads(threads)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+LOCK = "run.lock"
+
+
+def _lock(out: Path) -> Path:
+    """Hold ``<out>/run.lock`` (pid, host, start) for the run; refuse a folder another live run holds.
+
+    A lock left by a process that is gone (same host) is taken over, as the Omniglot script does.
+    """
+    path = out / LOCK
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"invalid config: out_dir={str(out)!r} holds an unreadable {LOCK}; if no run uses "
+                                  f"the folder, delete that file.") from None
+            if host == socket.gethostname() and not _alive(pid):
+                path.unlink(missing_ok=True)  # its owner is gone: take it over
+                continue
+            raise ConfigError(f"invalid config: out_dir={str(out)!r} is in use by pid {pid} on {host} (since "
+                              f"{holder.get('started', '?')}); wait for that run or choose another out_dir.") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+        return path
+    raise ConfigError(f"invalid config: out_dir={str(out)!r}: could not take {LOCK}; another run started at the "
+                      f"same time. Choose another out_dir.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _run(cfg, write: bool) -> dict:
