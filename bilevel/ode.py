@@ -37,7 +37,9 @@ Deviations from torchdiffeq 0.2.5 (the reference, ``_impl/rk_common.py``, ``misc
   step-size sequence per batch entry; the loop stops as soon as every entry has reached the end time.
 - ``rk4`` is the classic 1/6-1/3-1/3-1/6 rule (torchdiffeq's ``rk4`` is the 3/8 rule).
 - the adjoint error norm is the maximum of the RMS norms of ``h``, ``a`` and the parameter integrals, as
-  torchdiffeq's default ``_mixed_norm``; there are no gradients with respect to ``t``.
+  torchdiffeq's default ``_mixed_norm``. The derivative in ``t`` is computed from its closed form
+  (``dL/dt_i = ȳ_i·f(t_i, y_i)``, ``dL/dt_0 = −a(t_0)·f(t_0, h0)``) instead of torchdiffeq's integrated time
+  adjoint; both are that of the continuous solution.
 
 Failures are reported, never hidden: reaching ``max_steps`` before the end time, a step size that underflows, or
 a NaN/inf in the solution raise (``on_nonconvergence`` / ``on_nonfinite``; under ``vmap`` only the returned
@@ -311,6 +313,10 @@ class _OdeAdjoint(torch.autograd.Function):
         h0, t, *tensors = ctx.saved_tensors
         moving = [i for i, d in enumerate(tensor_dots) if d is not None]
         h0_dot = torch.zeros_like(h0) if h0_dot is None else h0_dot
+        args = spec.args(tensors)
+        out0_dot = h0_dot  # ys[0] = h0, whatever t_0
+        if t_dot is not None:  # moving t_0 shifts the trajectory: as a change −f(t_0, h0)·ṫ_0 of h0
+            h0_dot = h0_dot - spec.f(t[0], h0, *args) * t_dot[0].to(h0.dtype)
 
         def dynamics(s, state):
             def f_of(h, *chosen):
@@ -324,7 +330,11 @@ class _OdeAdjoint(torch.autograd.Function):
 
         outs, _ = _integrate(dynamics, (h0, h0_dot), t, spec.method, spec.rtol, spec.atol, spec.step_size,
                              spec.max_steps)
-        return (torch.stack([y[1] for y in outs]),) + (None,) * len(ODEInfo._fields)
+        tangent = [y[1] for y in outs]
+        if t_dot is not None:  # an output time that moves reads the trajectory elsewhere: + f(t_i, y_i)·ṫ_i
+            tangent = [out0_dot] + [tangent[i] + spec.f(t[i], outs[i][0], *args) * t_dot[i].to(h0.dtype)
+                                    for i in range(1, len(t))]
+        return (torch.stack(tangent),) + (None,) * len(ODEInfo._fields)
 
     @staticmethod
     def backward(ctx, ys_bar, *_):
@@ -332,7 +342,7 @@ class _OdeAdjoint(torch.autograd.Function):
         ys, t, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
         wanted = [i for i, need in enumerate(needs[3:]) if need]
-        if not (needs[1] or wanted):
+        if not (needs[1] or needs[2] or wanted):
             return (None,) * (3 + len(tensors))
         # nothing is detached: the backward is made of differentiable ops, so a second derivative (MAML through an
         # inner gradient step) differentiates the adjoint solve in turn
@@ -367,10 +377,18 @@ class _OdeAdjoint(torch.autograd.Function):
         _report(info, f"odeint backward (adjoint {spec.method})",
                 "Raise max_steps, loosen adjoint_rtol/adjoint_atol, or check that f is smooth along the trajectory.",
                 spec.on_nonconvergence, spec.on_nonfinite)
+        t_bar = None
+        if needs[2]:
+            # the trajectory depends on t only through its start: dL/dt_i = ȳ_i · f(t_i, y_i) for i >= 1, and moving
+            # t_0 with h(t_0) = h0 held shifts the whole trajectory: dL/dt_0 = −a(t_0) · f(t_0, h0)
+            args = spec.args(tensors)
+            slopes = [spec.f(t[i], ys[i], *args) for i in range(n)]
+            t_bar = torch.stack([-(final[1] * slopes[0]).sum()]
+                                + [(ys_bar[i] * slopes[i]).sum() for i in range(1, n)]).to(t.dtype)
         grads = [None] * len(tensors)
         for i, g in zip(wanted, final[2:]):
             grads[i] = g
-        return (None, h0_bar if needs[1] else None, None, *grads)
+        return (None, h0_bar if needs[1] else None, t_bar, *grads)
 
 
 def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rtol: float = 1e-7,
@@ -387,7 +405,8 @@ def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rt
             function of its inputs: weights enter through ``args`` (e.g. ``dict(module.named_parameters())`` with
             ``torch.func.functional_call``).
         h0: the initial state, a floating-point tensor of any shape.
-        t: a 1-D tensor of at least two strictly increasing or strictly decreasing times; no gradient flows to it.
+        t: a 1-D tensor of at least two strictly increasing or strictly decreasing times; differentiable with the
+            adjoint (the derivative of the continuous solution) or with a fixed-step method.
         *args: tensors, or pytrees of tensors and constants.
         method: ``"dopri5"`` (adaptive), ``"rk4"`` or ``"euler"`` (fixed step).
         rtol, atol: the adaptive solver's error control: a step is accepted when the RMS of
@@ -442,8 +461,9 @@ def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rt
         raise ValueError(f"odeint(step_size={step_size!r}): step_size is for method='euler' or 'rk4' and must be > 0.")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"odeint(max_steps={max_steps!r}): must be an int >= 1.")
-    if t.requires_grad:
-        raise ValueError("odeint(f, h0, t): gradients with respect to t are not supported; pass t.detach().")
+    if t.requires_grad and not adjoint and method not in FIXED:
+        raise ValueError("odeint(f, h0, t): with adjoint=False, gradients with respect to t need a fixed-step method "
+                         "(the adaptive step sizes are not differentiated); use adjoint=True or pass t.detach().")
     if not _under_vmap():
         dt = t[1:] - t[:-1]
         if not (bool((dt > 0).all()) or bool((dt < 0).all())):
