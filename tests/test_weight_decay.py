@@ -306,6 +306,10 @@ def test_csv_and_npz_files(tmp_path):
         make_task(str(holes))
     with pytest.raises(ValueError, match=r"no target column 'label'; columns are \['a', 'b', 'species', 'c'\]"):
         make_task(str(csv), target="label")
+    with pytest.raises(ValueError, match=r"'one_class': the target has a single value; nothing to classify"):
+        one = tmp_path / "one_class.csv"
+        one.write_text("a,y\n1,cat\n2,cat\n3,cat\n4,cat\n")
+        make_task(str(one), n_train=2, n_val=1)
     with pytest.raises(ValueError, match=r"data.task='binary' but the target has 3 distinct values"):
         make_task(str(csv), target="species", task="binary")
     with pytest.raises(ValueError, match=r"no array \['y'\] in the NPZ file"):

@@ -180,6 +180,8 @@ def _task_type(y: np.ndarray, task: str, where: str) -> str:
         kind = "classification" if integral and len(np.unique(y)) <= MAX_CLASSES else "regression"
     n_classes = len(np.unique(y)) if kind == "classification" else 0
     if task == "auto":
+        if kind == "classification" and n_classes < 2:
+            raise ValueError(f"{where}: the target has a single value; nothing to classify.")
         return "regression" if kind == "regression" else ("binary" if n_classes == 2 else "multiclass")
     if task == "regression" and y.dtype.kind in "USO":
         raise ValueError(f"{where}: data.task='regression' but the target holds text labels; use binary or multiclass.")
