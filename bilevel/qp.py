@@ -22,7 +22,8 @@ the last iterate.
 
 complementary slackness included (OptNet's differentiated system), through ``bilevel.root_vjp`` with a dense
 solve of ``(∂F/∂(z, λ, ν))ᵀ u = −(z̄, 0, 0)``. Only the symmetric part of ``Q`` enters the objective, so the
-gradient in ``Q`` is symmetric.
+gradient in ``Q`` is symmetric. First derivatives only: the multipliers are saved as constants, so a second
+derivative (``create_graph=True``, ``grad`` of ``grad``) through the layer is not that of the QP.
 
 When the derivative exists: ``z*`` is differentiable where strict complementarity holds (every active constraint
 has ``λ_i > 0``), ``Q`` is positive definite on the null space of the active constraints and those constraints are
