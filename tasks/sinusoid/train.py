@@ -355,8 +355,20 @@ def main(cfg: DictConfig) -> dict:
         history, start, elapsed, cpu = state["history"], state["step"], state["elapsed"], state["cpu"]
         for key in METRICS:  # metrics added since the checkpoint was written: unknown for its steps
             history.setdefault(key, [None] * len(history["step"]))
-    elif cfg.run.resume:
-        print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
+    else:
+        if cfg.run.resume:
+            print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch.", file=sys.stderr)
+        if cfg.run.init_from:  # a continuation (e.g. a second stage with another reg): theta only
+            if not Path(cfg.run.init_from).is_file():
+                raise FileNotFoundError(f"run.init_from={cfg.run.init_from}: no such checkpoint; train that run "
+                                        "first (configs/sinusoid/imaml.yaml names its first stage) or fix the path.")
+            saved = torch.load(cfg.run.init_from, weights_only=False)["hparams"]
+            if saved.keys() != hparams.keys() or any(saved[k].shape != hparams[k].shape for k in saved):
+                raise ValueError(f"run.init_from={cfg.run.init_from}: its weights do not fit model.hidden="
+                                 f"{list(cfg.model.hidden)}.")
+            with torch.no_grad():
+                for k, v in saved.items():
+                    hparams[k].copy_(v)
     history.setdefault("invocations", []).append({  # every command that trained this run, with its start step
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "from_step": start,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
