@@ -339,3 +339,16 @@ def test_imaml_systems_under_vmap_equal_a_loop(system, solver):
         assert torch.allclose(loop.grad[k], vec.grad[k], rtol=1e-10, atol=1e-13)
     assert torch.allclose(loop.linear_info.residual, vec.linear_info.residual, rtol=1e-8)
     assert loop.linear_info.indefinite.tolist() == vec.linear_info.indefinite.tolist()
+
+
+def test_jfb_judges_nothing_by_default_and_checks_its_term_when_given_a_tol():
+    train, val = ridge_data()
+    hparams = {"log_l2": torch.tensor(-1.0, dtype=f64)}
+    w0 = {"w": ridge_exact(hparams, train, val)[0]}
+    problem = bl.Problem(ridge_inner, ridge_outer, bl.GradientDescent(lr=0.5, steps=0, tol=1e-12))
+    plain = bl.hypergrad(bl.jfb(alpha=0.5), problem, hparams, train, val, params0=w0)  # no warning: an approximation
+    assert bool(plain.linear_info.converged) and int(plain.linear_info.steps) == 0
+    checked = bl.hypergrad(bl.jfb(alpha=0.5, tol=1e-3), problem, hparams, train, val, params0=w0,
+                           on_nonconvergence="ignore")
+    assert not bool(checked.linear_info.converged) and 0.01 < float(checked.linear_info.residual) < 1
+    assert torch.equal(plain.grad["log_l2"], checked.grad["log_l2"])  # the same answer, now judged
