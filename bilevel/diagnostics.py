@@ -145,8 +145,8 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
     linear_bad = sel(out.linear_info.nonfinite) if out.linear_info is not None else torch.zeros_like(inner_bad)
     if bool(grad_bad | loss_bad.any() | inner_bad.any() | linear_bad.any()):
         where = "; ".join(f"{w} ({_tasks(m)})" for w, m in
-                          (("the inner solve", inner_bad), ("the adjoint linear solve", linear_bad),
-                           ("the outer loss", loss_bad)) if bool(m.any())) or "the hypergradient"
+                          (("inner solve", inner_bad), ("adjoint solve", linear_bad),
+                           ("outer loss", loss_bad)) if bool(m.any())) or "the hypergradient"
         message = (f"Smaller inner lr, damping or float64 (or on_nonfinite='skip_task'): the {name} hypergradient is "
                    f"not finite, NaN or inf in {where}.")
         if on_nonfinite in ("raise", "skip_task"):  # skip_task got here: no task to drop it from
