@@ -164,8 +164,9 @@ def main():
     for label, name, budget, used, own, med, worst, indef, cos in rows:
         print(f"| {label} | {name} | {budget} | {used:.1f} | {own:.2g} | {med:.2g} | {worst:.2g} | {indef:.0%} | "
               f"{cos:.4f} |")
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, 1 thread, {(time.process_time() - cpu0) / 60:.1f} CPU minutes")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# {now:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"1 thread, {(time.process_time() - cpu0) / 60:.1f} CPU minutes")
 
 
 if __name__ == "__main__":

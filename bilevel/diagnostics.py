@@ -109,7 +109,8 @@ def _linear_problem(solver, info: SolveInfo, bad: torch.Tensor) -> tuple[str, st
         return "indefinite", (f"Add damping or use MINRES()/TruncatedCG(): {what} {_tasks(info.indefinite & bad)}: "
                               f"negative curvature (residual {worst:.3g}).")
     hint = {"Neumann": "More steps or a smaller alpha (alpha < 2/L)", "CG": "More steps, or damping > 0"}
-    return "unconverged", f"{hint.get(name, 'More steps or a looser tol')}: {what} {_tasks(bad)} (residual {worst:.3g})."
+    fix = hint.get(name, "More steps or a looser tol")
+    return "unconverged", f"{fix}: {what} {_tasks(bad)} (residual {worst:.3g})."
 
 
 def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite: str = "raise",

@@ -222,7 +222,8 @@ class Implicit:
     ``dL_out/dλ = ∂L_out/∂λ + uᵀ ∂F/∂λ`` with ``(∂F/∂w)ᵀ u = −∂L_out/∂w``, solved by ``linear_solver``. Memory is
     independent of the inner steps. The answer is exact only when the inner solve reached ``F(w) = 0`` and the
     linear solve converged: ``inner_info.residual`` is replaced by ``||F(w*)||`` (``converged`` is the solver's
-    own verdict or the same test at w*: ``||F(w*)|| <= tol``, or ``<= rtol · ||F(w0)||``), and ``linear_info`` carries the adjoint solve's residual.
+    own verdict or the same test at w*: ``||F(w*)|| <= tol``, or ``<= rtol · ||F(w0)||``), and ``linear_info``
+    carries the adjoint solve's residual.
 
     Args:
         linear_solver: ``CG()`` (symmetric positive definite: stationarity, iMAML), ``MINRES()`` or
