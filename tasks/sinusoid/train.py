@@ -143,9 +143,11 @@ def own_solver_mse(work: Workload, hparams, tasks: Tasks, steps: int | None = No
 
 
 def _mean_ci(x: torch.Tensor) -> dict:
+    """Mean and 95% CI over tasks; ``nonfinite`` counts tasks whose adaptation diverged (they make the mean NaN:
+    a diverging protocol is reported, not averaged away)."""
     x = x.double()
     ci = 1.96 * x.std(unbiased=True).item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return {"mean": x.mean().item(), "ci95": ci}
+    return {"mean": x.mean().item(), "ci95": ci, "nonfinite": int((~torch.isfinite(x)).sum())}
 
 
 def evaluate(work: Workload, hparams, split: str, tasks: int) -> dict:
