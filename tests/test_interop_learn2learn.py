@@ -112,6 +112,12 @@ def test_module_call_is_the_module_in_training_mode(model):
         torch.testing.assert_close(call(bl_l2l.meta_params(model), X), model(X), rtol=1e-12, atol=1e-12)
 
 
+def test_load_twice_gives_the_same_package():
+    # A second call (another page, another test) must not trip over the package the first call left in sys.modules.
+    assert bl_l2l.load() is l2l
+    assert importlib.util.find_spec("learn2learn") is not None
+
+
 def test_bad_inputs_are_named(taskset, model):
     X, y = taskset.sample()
     with pytest.raises(ValueError, match=r"needs at least 2·ways·shots = 12 .*KShots\(k=4\)"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -47,6 +48,9 @@ def load() -> types.ModuleType:
     Raises:
         ImportError: learn2learn is not installed (the message gives the install command).
     """
+    loaded = sys.modules.get("learn2learn")
+    if loaded is not None and hasattr(loaded, "data") and hasattr(loaded, "algorithms"):
+        return loaded  # imported before, in full or by this function
     spec = importlib.util.find_spec("learn2learn")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"learn2learn is not installed; install it with {INSTALL}.")
@@ -63,6 +67,8 @@ def load() -> types.ModuleType:
         package = types.ModuleType(name)  # empty: its __init__ (which imports gym / torchvision) is skipped
         package.__path__ = [root + name[len("learn2learn"):].replace(".", "/")]
         package.__package__ = name
+        package.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        package.__spec__.submodule_search_locations = package.__path__
         sys.modules[name] = package
         if "." in name:
             setattr(sys.modules["learn2learn"], name.rsplit(".", 1)[1], package)
