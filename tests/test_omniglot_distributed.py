@@ -23,7 +23,7 @@ DATA = Path(os.environ.get("BILEVEL_DATA", REPO / ".." / "shared" / "data"))
 SMALL = [f"data.root={DATA}", "data.background=images_background_small1", "data.evaluation=null",
          "data.num_train=100", "data.num_val=16", "wandb.mode=disabled", "run.progress=false",
          "eval.every=0", "eval.test_tasks=4", "inner.test_steps=2", "method.name=fomaml", "meta.batch=4",
-         "meta.steps=2", "meta.optimizer=sgd", "meta.lr=0.5", "run.threads=1"]
+         "meta.steps=2", "meta.optimizer=sgd", "meta.lr=0.05", "run.threads=1"]
 
 
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
