@@ -14,8 +14,9 @@ install: .installed
 	$(PYTHON) -m pip install -e ".[test,docs]"
 	touch $@
 
+# Each demo run gets its own folder (runs/omniglot/demo-<UTC time>): a run never replaces another.
 demo: install
-	$(PYTHON) examples/omniglot_fewshot.py
+	$(PYTHON) examples/omniglot_fewshot.py run.name=demo-$$(date -u +%Y%m%d-%H%M%S)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "check", "choose", "check_writable"]
+__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "check", "choose", "check_writable"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -102,6 +102,31 @@ def load(schema: type, files: Iterable[str | os.PathLike] = (), overrides: Seque
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:  # omegaconf names the key; add where it came from
             raise ConfigError(f"invalid config from {where}: {_one_line(err)}") from None
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def load_named(schema: type, config_dir: Path, name: str | None, overrides: Sequence[str] = (),
+               validate: Optional[Callable[[DictConfig], None]] = None) -> DictConfig:
+    """:func:`load` of ``<config_dir>/<name>.yaml`` (or of ``name`` itself if it is a YAML path).
+
+    ``run.name`` becomes the config's name unless an override sets it; ``name=None`` loads the schema defaults.
+
+    Raises:
+        FileNotFoundError: no such config (the message lists the available names).
+        ConfigError: as :func:`load`.
+    """
+    files = []
+    if name:
+        path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in config_dir.glob("*.yaml"))
+            raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
+        files.append(path)
+    cfg = load(schema, files, overrides)
+    if name and not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
+        cfg.run.name = Path(name).stem
     if validate is not None:
         validate(cfg)
     return cfg

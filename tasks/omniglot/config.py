@@ -150,18 +150,7 @@ def load_config(name: str | None = "demo", overrides: list[str] | tuple[str, ...
         FileNotFoundError: no such config (the message lists the available names).
         ValueError: an unknown key, a wrong type or an invalid value (named).
     """
-    files = []
-    if name:
-        path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
-        files.append(path)
-    cfg = base.load(OmniglotConfig, files, overrides)  # one-line errors naming the key and where it came from
-    if name and not any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
-        cfg.run.name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
-    validate(cfg)
-    return cfg
+    return base.load_named(OmniglotConfig, CONFIG_DIR, name, overrides, validate)
 
 
 _check = base.check  # raises tasks.config.ConfigError (a ValueError): "invalid config: <message>"

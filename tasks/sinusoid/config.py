@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from tasks import config as base
 
 __all__ = ["SinusoidConfig", "load_config", "validate", "CONFIG_DIR", "METHODS"]
 
@@ -110,32 +112,10 @@ def load_config(name: str | None = "maml", overrides: list[str] | tuple[str, ...
         FileNotFoundError: no such config (the message lists the available names).
         ValueError: an unknown key, a wrong type or an invalid value (named).
     """
-    cfg = OmegaConf.structured(SinusoidConfig)
-    layers = []
-    if name:
-        path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"config {name!r} not found ({path}); available: {', '.join(known)}.")
-        layers.append((str(path), OmegaConf.load(path)))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"overrides must be key=value, got {bad} (e.g. meta.steps=100 method.name=fomaml).")
-    layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for where, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except Exception as err:  # omegaconf's errors name the key; add where it came from
-            raise ValueError(f"invalid config from {where}: {err}".strip()) from None
-    if name and not (layers[-1][1].get("run") or {}).get("name"):
-        cfg.run.name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
-    validate(cfg)
-    return cfg
+    return base.load_named(SinusoidConfig, CONFIG_DIR, name, overrides, validate)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid config: {message}")
+_check = base.check  # raises tasks.config.ConfigError (a ValueError): "invalid config: <message>"
 
 
 def _range(cfg, key: str) -> None:
