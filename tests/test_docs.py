@@ -45,6 +45,17 @@ def test_readme_and_home_page_show_the_same_example():
         "the quick example differs between README.md and docs/index.md: copy one to the other")
 
 
+def _results_table(text):
+    start = text.index("| workload |")
+    return text[start:text.index("\n\n", start)].replace("(docs/", "(").strip()
+
+
+def test_readme_and_results_page_show_the_same_table():
+    assert _results_table((ROOT / "README.md").read_text() + "\n\n") == _results_table(
+        (DOCS / "results.md").read_text() + "\n\n"), (
+        "the headline results differ between README.md and docs/results.md: edit both (links drop `docs/`)")
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_snippets_run(page):
     """Blocks run in order; a block marked `not run` is still compiled and its imports still run."""
