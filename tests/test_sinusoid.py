@@ -197,12 +197,32 @@ def test_curvature_scaled_gd_rejects_bad_settings():
 def test_init_from_starts_theta_from_another_run(tmp_path):
     first = config(tmp_path / "a", "imaml_reg10", "meta.steps=2", "meta.batch=2", "inner.steps=2")
     train.main(first)
-    theta = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["hparams"]
+    theta = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["hparams"]
     second = config(tmp_path / "b", "imaml", "meta.steps=1", "meta.lr=1e-12", "meta.batch=2", "inner.steps=2",
                     f"run.init_from={tmp_path / 'a' / 'checkpoint.pt'}")
     train.main(second)
-    after = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["hparams"]
+    after = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["hparams"]
     for k in theta:  # one step at a negligible meta learning rate: theta is the first run's
         torch.testing.assert_close(after[k], theta[k], rtol=1e-6, atol=1e-9)
     with pytest.raises(FileNotFoundError, match="run.init_from=.*no such checkpoint"):
         train.main(config(tmp_path / "c", "imaml", "meta.steps=1", f"run.init_from={tmp_path / 'none.pt'}"))
+
+
+def test_a_finished_run_is_kept_and_init_from_unpickles_no_code(tmp_path):
+    import os
+
+    train.main(config(tmp_path / "a", "maml", "meta.steps=1", "meta.batch=2"))
+    before = (tmp_path / "a" / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train.main(config(tmp_path / "a", "maml", "meta.steps=1", "meta.batch=2"))
+    assert (tmp_path / "a" / "results.json").read_bytes() == before and not (tmp_path / "a" / "run.lock").exists()
+    train.main(config(tmp_path / "a", "maml", "meta.steps=1", "meta.batch=2", "run.overwrite=true"))
+
+    class Payload:                                   # a checkpoint that would run code when unpickled
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"hparams": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        train.main(config(tmp_path / "b", "maml", "meta.steps=1", f"run.init_from={tmp_path / 'evil.pt'}"))
+    assert not (tmp_path / "pwned").exists()

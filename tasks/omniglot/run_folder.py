@@ -88,10 +88,12 @@ class RunFolder:
         path: the run folder (created if missing).
         resume: continue the run held in the folder (``run.resume``).
         overwrite: delete the run held in the folder first (``run.overwrite``).
+        files: the names (glob patterns) of what one run writes (default: the Omniglot script's).
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 files: tuple[str, ...] = RUN_FILES):
+        self.path, self.files = Path(path), tuple(files)
         self.lock = self.path / LOCK
         self.held = False
         if resume and overwrite:
@@ -174,12 +176,12 @@ class RunFolder:
                              f"{self.lock}.")
 
     def _remove_stray_temporaries(self) -> None:
-        for name in RUN_FILES:   # what tasks.omniglot.data._atomic_write leaves when killed before its rename
+        for name in self.files:  # what tasks.omniglot.data._atomic_write leaves when killed before its rename
             for stray in self.path.glob(f"{name}*.tmp"):
                 stray.unlink(missing_ok=True)
 
     def _run_files(self) -> list[Path]:
-        return [path for pattern in RUN_FILES for path in sorted(self.path.glob(pattern))]
+        return [path for pattern in self.files for path in sorted(self.path.glob(pattern))]
 
     def _check_contents(self, resume: bool, overwrite: bool) -> None:
         files = self._run_files()

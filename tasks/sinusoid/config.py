@@ -91,6 +91,7 @@ class RunConfig:
     threads: Optional[int] = 1             # torch.set_num_threads; None: leave torch's default
     progress: bool = True                  # tqdm progress bar
     resume: bool = False                   # continue from <dir>/checkpoint.pt (also --resume)
+    overwrite: bool = False                # delete the run already in <dir> and start afresh (also --overwrite)
     init_from: Optional[str] = None        # start theta from another run's checkpoint.pt (fresh optimizer, step 0)
 
 

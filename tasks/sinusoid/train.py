@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 import bilevel as bl
 
+from tasks.omniglot.run_folder import RunFolder, RunFolderError, load_checkpoint
+
 from .config import load_config
 from .inner import CurvatureScaledGD
 from .model import SineMLP, mse_loss
@@ -326,8 +328,24 @@ def _summary(history: dict, key: str) -> dict | None:
             "last_10pct_mean": tail.mean().item()}
 
 
+RUN_FILES = ("checkpoint.pt", "results.json", "metrics.csv", "curves.png")   # what one run writes
+
+
 def main(cfg: DictConfig) -> dict:
-    """Train (or resume), validate, test; returns the results dict written to ``results.json``."""
+    """Train (or resume), validate, test; returns the results dict written to ``results.json``.
+
+    The run folder is claimed first (:class:`~tasks.omniglot.run_folder.RunFolder`): a folder holding a run is
+    refused unless ``run.resume`` or ``run.overwrite``, and ``run.lock`` keeps a second run out until this one ends.
+    """
+    folder = RunFolder(Path(cfg.run.dir or Path("runs") / "sinusoid" / cfg.run.name), resume=cfg.run.resume,
+                       overwrite=cfg.run.overwrite, files=RUN_FILES)
+    try:
+        return _main(cfg)
+    finally:
+        folder.release()
+
+
+def _main(cfg: DictConfig) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     work = build(cfg)
@@ -338,7 +356,7 @@ def main(cfg: DictConfig) -> dict:
     history = {"step": [], **{k: [] for k in METRICS}, "val_step": [], "val": []}
     start, elapsed, cpu = 0, 0.0, 0.0
     if cfg.run.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=True)   # tensors and plain containers only: no code from a file
+        state = load_checkpoint(ckpt_path)   # tensors and plain containers only: no code from a file
         saved = OmegaConf.create(state["config"])
         for key in ("task", "model", "method", "inner", "meta"):
             ours, theirs = OmegaConf.to_container(cfg[key]), OmegaConf.to_container(saved[key])
@@ -364,7 +382,7 @@ def main(cfg: DictConfig) -> dict:
             if not Path(cfg.run.init_from).is_file():
                 raise FileNotFoundError(f"run.init_from={cfg.run.init_from}: no such checkpoint; train that run "
                                         "first (configs/sinusoid/imaml.yaml names its first stage) or fix the path.")
-            saved = torch.load(cfg.run.init_from, weights_only=False)["hparams"]
+            saved = load_checkpoint(cfg.run.init_from)["hparams"]
             if saved.keys() != hparams.keys() or any(saved[k].shape != hparams[k].shape for k in saved):
                 raise ValueError(f"run.init_from={cfg.run.init_from}: its weights do not fit model.hidden="
                                  f"{list(cfg.model.hidden)}.")
@@ -488,6 +506,8 @@ def cli(argv: list[str] | None = None) -> dict:
             return {}
         if arg == "--resume":
             overrides.append("run.resume=true")
+        elif arg == "--overwrite":
+            overrides.append("run.overwrite=true")
         elif arg == "--config":
             if not argv:
                 raise SystemExit("--config needs a name, e.g. --config maml")
@@ -495,11 +515,15 @@ def cli(argv: list[str] | None = None) -> dict:
         elif arg.startswith("--config="):
             name = arg.split("=", 1)[1]
         elif arg.startswith("--"):
-            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume and key=value overrides.")
+            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite and key=value "
+                             f"overrides.")
         else:
             overrides.append(arg)
     try:
         cfg = load_config(name, overrides)
     except (ValueError, FileNotFoundError) as err:   # a bad command line: the message, not a traceback
         raise SystemExit(f"error: {err}") from None
-    return main(cfg)
+    try:
+        return main(cfg)
+    except RunFolderError as err:   # a folder holding a run, in use, or not writable: one line
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
