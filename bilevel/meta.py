@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -10,10 +11,47 @@ from .tree import pytree
 
 from . import tree
 from .diagnostics import NONFINITE_POLICIES, NonFiniteError, check
-from .methods import Problem
+from .conditions import stationarity
+from .methods import Implicit, Problem
 from .types import Batch, HParams, Hypergrad, Params
 
 BATCHING = ("loop", "vmap")
+PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``precision=`` values of ``hypergrad`` / ``meta_grad`` and the autocast dtype each one means."""
+
+
+def _autocast(call: str, method, problem: Problem, hparams: HParams, precision: Optional[str]):
+    """``(method, problem)`` whose inner and outer losses run under ``torch.autocast`` at ``precision``.
+
+    Only the loss evaluations (forward and their backward, hence every inner step and the outer gradient) are
+    autocast; the losses come back in float32, so the inner parameter updates, the adjoint linear solve of
+    ``Implicit`` (its condition keeps the full-precision inner loss, so its Hessian-vector products are float32)
+    and the meta-gradient accumulation stay in the dtype of ``params``/``hparams``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"{call}(precision={precision!r}): must be one of {list(PRECISIONS)} "
+                         f"(None: the dtype of the inputs).")
+    if precision is None:
+        return method, problem
+    device = next(iter(hparams.values())).device.type
+    if not torch.amp.is_autocast_available(device):
+        raise ValueError(f"{call}(precision={precision!r}): torch has no autocast for device {device!r}; "
+                         f"use precision=None there.")
+    dtype = PRECISIONS[precision]
+
+    def wrap(fn):
+        def autocast_loss(params, hparams, batch):
+            with torch.autocast(device, dtype=dtype):
+                loss = fn(params, hparams, batch)
+            return loss.float() if loss.dtype in (torch.bfloat16, torch.float16) else loss
+
+        autocast_loss.__wrapped__ = getattr(fn, "__wrapped__", fn)  # keeps proximal(..., reg) visible to imaml
+        return autocast_loss
+
+    if isinstance(method, Implicit) and method.condition is None:
+        method = dataclasses.replace(method, condition=stationarity(problem.inner_loss))
+    return method, dataclasses.replace(problem, inner_loss=wrap(problem.inner_loss),
+                                       outer_loss=wrap(problem.outer_loss))
 
 
 def _validate(call: str, problem: Problem, hparams: HParams, params0: Optional[Params]):
@@ -75,7 +113,7 @@ def _nonfinite_inputs(hparams: HParams, **batches) -> str:
 
 def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
               params0: Optional[Params] = None, *, on_nonconvergence: str = "warn",
-              on_nonfinite: str = "raise") -> Hypergrad:
+              on_nonfinite: str = "raise", precision: Optional[str] = None) -> Hypergrad:
     """``d outer_loss(w*(λ), λ) / dλ`` for one task, by ``method``, with the diagnostics policy applied.
 
     Args:
@@ -90,11 +128,16 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
             (``bl.diagnostics.warning_counts()`` has every count); the numbers are in ``inner_info``/``linear_info``.
         on_nonfinite: ``"raise" | "warn" | "ignore"`` for NaN or inf anywhere (never silent by default);
             ``"skip_task"`` (for ``meta_grad``) raises here, with a single task there is nothing to fall back on.
+        precision: ``None`` (the inputs' dtype), ``"bf16"`` or ``"fp16"``: the inner and outer losses (forward and
+            backward) run under ``torch.autocast`` on the device type of ``hparams``; the parameter updates, the
+            adjoint linear solve and the returned gradient stay in the dtype of ``params``/``hparams``. fp16
+            has no loss scaling: prefer bf16 where the hardware has it.
 
     Returns:
         A ``Hypergrad``.
     """
     _validate("hypergrad", problem, hparams, params0)
+    method, problem = _autocast("hypergrad", method, problem, hparams, precision)
     try:
         out = method(problem, hparams, inner_batch, outer_batch, params0)
     except (RuntimeError, KeyError) as err:
@@ -113,7 +156,8 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
 
 def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, outer_batches: Batch,
               params0: Optional[Params] = None, *, batching: str = "loop", chunk_size: Optional[int] = None,
-              on_nonconvergence: str = "warn", on_nonfinite: str = "raise") -> Hypergrad:
+              on_nonconvergence: str = "warn", on_nonfinite: str = "raise",
+              precision: Optional[str] = None) -> Hypergrad:
     """The mean hypergradient over a meta-batch of tasks stacked along dim 0 of every batch tensor.
 
     The outer gradient is always taken per task and then averaged (``vmap(grad)``, never ``grad(vmap)``): the
@@ -130,6 +174,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         on_nonfinite: as ``hypergrad``, or ``"skip_task"``: leave the tasks whose hypergradient, outer loss or
             solves are not finite out of the mean, count them in ``Hypergrad.dropped`` (and warn); all tasks
             failing is still a ``NonFiniteError``.
+        precision: as ``hypergrad``; the running sum of the task hypergradients is kept in the hparams' dtype.
 
     Returns:
         A ``Hypergrad`` whose ``grad`` and ``outer_loss`` are means over the (kept) tasks while ``params``,
@@ -156,6 +201,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         _validate("meta_grad", problem, hparams, {k: v[0] for k, v in params0.items()})
     else:
         _validate("meta_grad", problem, hparams, None)
+    method, problem = _autocast("meta_grad", method, problem, hparams, precision)
     skip = on_nonfinite == "skip_task"
 
     def per_task(inner_batch, outer_batch, start):
