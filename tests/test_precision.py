@@ -85,3 +85,12 @@ def test_bad_precision_is_refused(call):
     theta, support, query, problem, _ = setup(tasks=1)
     with pytest.raises(ValueError, match=r"precision='float16'.*bf16"):
         getattr(bl, call)(bl.Unrolled(), problem, theta, support, query, precision="float16")
+
+
+def test_omniglot_config_takes_precision():
+    from tasks import config
+    from tasks.omniglot.config import load_config
+
+    assert load_config("demo", ["meta.precision=bf16"]).meta.precision == "bf16"
+    with pytest.raises(config.ConfigError, match="meta.precision='half'; use null, bf16 or fp16"):
+        load_config("demo", ["meta.precision=half"])

@@ -88,6 +88,7 @@ class MetaConfig:
     schedule: str = "constant"             # constant | linear (anneal to 0 at the last step)
     batching: str = "loop"                 # loop | vmap: how bl.meta_grad runs the tasks
     chunk_size: Optional[int] = None       # vmap chunk size
+    precision: Optional[str] = None        # null | bf16 | fp16: autocast the task losses (bl.meta_grad(precision=))
     on_nonconvergence: str = "warn"        # ignore | warn | raise; implicit methods only (fixed-budget inner loops
                                            # and adjoint solves that miss tol); the fraction is logged either way
     on_nonfinite: str = "raise"            # ignore | warn | raise | skip_task (drop a task with a non-finite
@@ -191,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     _check(mc.schedule in ("constant", "linear"), f"meta.schedule={mc.schedule!r}; use constant or linear.")
     _check(mc.batching in ("loop", "vmap"), f"meta.batching={mc.batching!r}; use loop or vmap.")
     _check(mc.chunk_size is None or mc.chunk_size >= 1, f"meta.chunk_size={mc.chunk_size}; use null or >= 1.")
+    _check(mc.precision in (None, "bf16", "fp16"), f"meta.precision={mc.precision!r}; use null, bf16 or fp16.")
     for key in ("on_nonconvergence", "on_nonfinite", "on_divergence"):
         allowed = ("ignore", "warn", "raise") + (("skip_task",) if key == "on_nonfinite" else ())
         _check(mc[key] in allowed, f"meta.{key}={mc[key]!r}; use {', '.join(allowed)}.")

@@ -168,7 +168,7 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     cfg = work.cfg.meta
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
     out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
-                       chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence,
+                       chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence, precision=cfg.precision,
                        # applied after the (all-)reduce, on every rank together; skip_task drops tasks here
                        on_nonfinite="skip_task" if cfg.on_nonfinite == "skip_task" else "ignore")
     with torch.no_grad():
