@@ -29,7 +29,8 @@ class LinearOperator(NamedTuple):
 
 
 def _tiny(ref: torch.Tensor) -> torch.Tensor:
-    return ref.new_tensor(torch.finfo(ref.dtype).tiny)
+    # not ref.new_tensor: under vmap that fails on the meta device, which the device tests run on
+    return torch.tensor(torch.finfo(ref.dtype).tiny, dtype=ref.dtype, device=ref.device)
 
 
 def _tol(tol: Optional[float], ref: torch.Tensor) -> float:

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
 
@@ -94,3 +96,56 @@ def test_omniglot_config_takes_precision():
     assert load_config("demo", ["meta.precision=bf16"]).meta.precision == "bf16"
     with pytest.raises(config.ConfigError, match="meta.precision='half'; use null, bf16 or fp16"):
         load_config("demo", ["meta.precision=half"])
+
+
+class CreatedOn(TorchDispatchMode):
+    """Records the device of every tensor an operation returns (the engine's own creations included), except
+    0-dim CPU tensors: Python numbers become those under vmap, and torch mixes them with any device."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and not (x.device.type == "cpu" and x.dim() == 0):
+                self.devices.setdefault(x.device.type, set()).add(str(func))
+        return out
+
+
+def meta_mlp(device):
+    def loss(params, hparams, batch):
+        x, y = batch
+        return F.cross_entropy(torch.tanh(x @ params["w1"] + params["b1"]) @ params["w2"], y)
+
+    theta = {"w1": torch.randn(6, 8), "b1": torch.zeros(8), "w2": torch.randn(8, 3)}
+    x, y = torch.randn(4, 6, 6), torch.arange(3).repeat(2).expand(4, 6)
+    return loss, {k: v.to(device) for k, v in theta.items()}, (x.to(device), y.to(device))
+
+
+@pytest.mark.parametrize("method", [bl.Unrolled(), bl.FirstOrder(), bl.imaml(reg=1.0, cg_steps=3),
+                                    bl.Implicit(bl.CG(steps=3, tol=1e-4))],
+                         ids=["unrolled", "first_order", "imaml_cg", "implicit_cg_tol"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_task", "vmap"])
+def test_core_methods_run_on_the_meta_device_and_create_no_cpu_tensor(method, batched):
+    """With every input on the ``meta`` device (shapes only, no data), an engine tensor made on the CPU by default
+    would either fail to mix with the inputs or show up in ``CreatedOn``: what would break on a GPU. The
+    methods are called directly (the diagnostics of ``hypergrad``/``meta_grad`` read values on the host by
+    design) with a fixed-budget inner solver (a tolerance checks convergence on the host at every step)."""
+    loss, theta, (x, y) = meta_mlp("meta")
+    inner = bl.proximal(loss, 1.0) if isinstance(method, bl.Implicit) else loss
+    problem = bl.Problem(inner, loss, bl.GradientDescent(lr=0.1, steps=2), init=bl.meta_init)
+
+    def call(xs, ys):  # vmap returns tensors only: the absent parts travel as empty tuples, as in meta_grad
+        out = method(problem, theta, (xs, ys), (xs, ys))
+        return out._replace(linear_info=out.linear_info or (), dropped=(), kept=())
+
+    with CreatedOn() as created:
+        out = vmap(call, randomness="different")(x, y) if batched else call(x[0], y[0])
+    assert set(created.devices) == {"meta"}, created.devices
+    leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]
+    assert leaves and all(v.device.type == "meta" for v in leaves)
+    lead = (4,) if batched else ()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in out.grad.items()} == \
+        {k: (lead + tuple(v.shape), v.dtype) for k, v in theta.items()}

@@ -105,8 +105,8 @@ def split_task(task, ways: int, shots: int):
         raise ValueError(f"split_task: the task has {X.shape[0]} inputs and {y.shape[0]} labels; ways={ways}, "
                          f"shots={shots} needs at least 2·ways·shots = {2 * n} of each: sample it with "
                          f"NWays(n={ways}) and KShots(k={2 * shots}).")
-    support = torch.zeros(X.shape[0], dtype=torch.bool)
-    support[torch.arange(n) * 2] = True
+    support = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
+    support[torch.arange(n, device=X.device) * 2] = True
     return (X[support], y[support]), (X[~support], y[~support])
 
 

@@ -133,7 +133,7 @@ def log_wd_summary(hparams) -> dict:
     flat = torch.cat([v.detach().reshape(-1) for v in hparams.values()])
     if flat.numel() == 1:
         return {"wd": float(torch.exp(flat[0]))}
-    q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9], dtype=flat.dtype))
+    q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9], dtype=flat.dtype, device=flat.device))
     return {"wd_p10": float(torch.exp(q[0])), "wd_median": float(torch.exp(q[1])), "wd_p90": float(torch.exp(q[2])),
             "wd_geomean": float(torch.exp(flat.mean()))}
 
@@ -273,7 +273,8 @@ def search(task: WeightDecayTask, solver, values, warm_start: bool = True, progr
     points = [None] * len(values)
     params = dict(task.params0)
     for i in tqdm(order, desc=f"{desc} {task.name}", disable=not progress):
-        hparams = {k: torch.full(s, math.log(values[i]), dtype=task.train[0].dtype)
+        hparams = {k: torch.full(s, math.log(values[i]), dtype=task.train[0].dtype,
+                                 device=task.train[0].device)
                    for k, s in task.hparam_shapes().items()}
         params0 = params if warm_start and task.model != "mlp" else dict(task.params0)
         params, info = solve_inner(task, solver, hparams, params0, cost)
