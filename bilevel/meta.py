@@ -37,6 +37,10 @@ def _autocast(call: str, method, problem: Problem, hparams: HParams, precision: 
     if not torch.amp.is_autocast_available(device):
         raise ValueError(f"{call}(precision={precision!r}): torch has no autocast for device {device!r}; "
                          f"use precision=None there.")
+    wide = sorted({str(v.dtype).replace("torch.", "") for v in hparams.values() if v.dtype != torch.float32})
+    if wide:
+        raise ValueError(f"{call}(precision={precision!r}): hparams are {'/'.join(wide)}; autocast lowers only "
+                         f"float32 work, so pass float32 hparams and params or use precision=None.")
     dtype = PRECISIONS[precision]
 
     def wrap(fn):
@@ -175,6 +179,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
             solves are not finite out of the mean, count them in ``Hypergrad.dropped`` (and warn); all tasks
             failing is still a ``NonFiniteError``.
         precision: as ``hypergrad``; the running sum of the task hypergradients is kept in the hparams' dtype.
+            With batch norm use ``batching="loop"``: torch's vmap rule of its backward fails under autocast.
 
     Returns:
         A ``Hypergrad`` whose ``grad`` and ``outer_loss`` are means over the (kept) tasks while ``params``,
@@ -223,8 +228,16 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     kept = dropped = None
     if batching == "vmap":
         in_dims = (0, 0, None if params0 is None else 0)
-        out = vmap(per_task, in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
-            inner_batches, outer_batches, params0)
+        try:
+            out = vmap(per_task, in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
+                inner_batches, outer_batches, params0)
+        except RuntimeError as err:
+            # torch 2.13: the vmap rule of batch norm's backward under autocast mixes bfloat16 and float32
+            if precision is not None and "scalar type" in str(err):
+                raise RuntimeError(f"meta_grad(precision={precision!r}, batching='vmap'): torch's vmap of this "
+                                   f"model under autocast failed (batch norm does); use batching='loop'. torch: "
+                                   f"{str(err).splitlines()[0]}") from err
+            raise
         if skip:
             kept = finite(out)
             count = kept.sum().clamp(min=1).to(out.outer_loss.dtype)

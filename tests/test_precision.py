@@ -76,6 +76,19 @@ def test_precision_in_hypergrad_and_implicit_keeps_float32_adjoint():
     assert half.linear_info.residual.dtype == torch.float32
 
 
+def test_vmap_batching_under_autocast():
+    """Without batch norm vmap and autocast agree with the loop; with it torch's vmap rule fails, and the error
+    says what to do instead."""
+    loss, theta, (x, y) = meta_mlp("cpu")
+    mlp = bl.Problem(loss, loss, bl.GradientDescent(lr=0.1, steps=2), init=bl.meta_init)
+    loop = bl.meta_grad(bl.Unrolled(), mlp, theta, (x, y), (x, y), precision="bf16")
+    vec = bl.meta_grad(bl.Unrolled(), mlp, theta, (x, y), (x, y), precision="bf16", batching="vmap")
+    assert cosine(loop.grad, vec.grad) >= 0.999
+    theta, support, query, problem, _ = setup()
+    with pytest.raises(RuntimeError, match="batching='vmap'.*use batching='loop'"):
+        bl.meta_grad(bl.FirstOrder(), problem, theta, support, query, precision="bf16", batching="vmap")
+
+
 def test_fp16_runs_and_returns_float32():
     theta, support, query, problem, _ = setup()
     out = bl.meta_grad(bl.FirstOrder(), problem, theta, support, query, precision="fp16")
@@ -87,6 +100,13 @@ def test_bad_precision_is_refused(call):
     theta, support, query, problem, _ = setup(tasks=1)
     with pytest.raises(ValueError, match=r"precision='float16'.*bf16"):
         getattr(bl, call)(bl.Unrolled(), problem, theta, support, query, precision="float16")
+
+
+def test_precision_refuses_float64_hparams_it_would_not_lower():
+    theta, support, query, problem, _ = setup(tasks=1)
+    theta = {k: v.double() for k, v in theta.items()}
+    with pytest.raises(ValueError, match="hparams are float64; autocast lowers only float32"):
+        bl.meta_grad(bl.Unrolled(), problem, theta, support, query, precision="bf16")
 
 
 def test_omniglot_config_takes_precision():
