@@ -4,10 +4,10 @@
 
 One meta-step is ``bl.meta_grad(bl.Unrolled(), ...)`` (second-order MAML, 1 inner step of lr 0.4) over 8 tasks of
 5-way 1-shot with 15 queries per class, drawn by the project's sampler from Omniglot's background set
-(``$BILEVEL_DATA``), on ``tasks.omniglot.model.Conv4`` at its initialisation (or ``--weights``). The precisions run round-robin
-(one meta-step of each per round, after one warm-up) so a change of machine load hits them alike; the report is
-the median process CPU time per meta-step, its ratio to float32, and the cosine of each meta-gradient to the
-float32 one (the same tasks every round).
+(``$BILEVEL_DATA``), on ``tasks.omniglot.model.Conv4`` at its initialisation (or ``--weights``). The precisions
+run round-robin (one meta-step of each per round, after one warm-up) so a change of machine load hits them alike;
+the report is the median process CPU time per meta-step, its ratio to float32, and the cosine of each
+meta-gradient to the float32 one (the same tasks every round).
 """
 
 from __future__ import annotations
