@@ -169,3 +169,12 @@ def test_core_methods_run_on_the_meta_device_and_create_no_cpu_tensor(method, ba
     lead = (4,) if batched else ()
     assert {k: (tuple(v.shape), v.dtype) for k, v in out.grad.items()} == \
         {k: (lead + tuple(v.shape), v.dtype) for k, v in theta.items()}
+
+
+def test_weight_decay_summary_takes_its_quantiles_on_the_device_of_the_hparams():
+    """On the meta device the only failure left is the final host read of the numbers (a CPU ``q`` tensor
+    failed before it: "q tensor must be on the same device as the input tensor")."""
+    from tasks.weight_decay.tuning import log_wd_summary
+
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+        log_wd_summary({"w": torch.zeros(5, device="meta")})
