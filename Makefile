@@ -12,6 +12,7 @@ install: .installed
 .installed: pyproject.toml
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test,docs]"
+	PYTHON=$(PYTHON) bash tools/install_learn2learn.sh   # its sdist does not build as shipped (see the script)
 	touch $@
 
 # Each demo run gets its own folder (runs/omniglot/demo-<UTC time>): a run never replaces another.
