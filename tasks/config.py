@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "check", "choose", "check_writable"]
+__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "check", "choose",
+           "check_writable"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -130,6 +131,42 @@ def load_named(schema: type, config_dir: Path, name: str | None, overrides: Sequ
     if validate is not None:
         validate(cfg)
     return cfg
+
+
+def parse_cli(argv: Sequence[str], default: str, options: dict[str, Optional[str]]):
+    """Split a workload's command line ``[--config NAME] [--flag ...] key=value ...``.
+
+    Args:
+        argv: the arguments (without the program name).
+        default: the config name when ``--config`` is not given.
+        options: each accepted flag and the override it stands for (``{"--resume": "run.resume=true"}``), or
+            ``None`` for a flag the caller acts on itself (returned in ``flags``).
+
+    Returns:
+        ``(name, overrides, flags)``, or ``None`` for ``-h`` / ``--help`` (the caller prints its usage).
+
+    Raises:
+        SystemExit: ``--config`` without a name, or an unknown ``--option`` (one line listing the accepted ones).
+    """
+    argv, name, overrides, flags = list(argv), default, [], set()
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("-h", "--help"):
+            return None
+        if arg in options:
+            (flags.add(arg) if options[arg] is None else overrides.append(options[arg]))
+        elif arg == "--config":
+            if not argv:
+                raise SystemExit(f"--config needs a name, e.g. --config {default}")
+            name = argv.pop(0)
+        elif arg.startswith(("--config=", "config=")):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            raise SystemExit(f"unknown option {arg!r}; use --config NAME, {', '.join(options)} and key=value "
+                             f"overrides.")
+        else:
+            overrides.append(arg)
+    return name, overrides, flags
 
 
 def check(ok: bool, message: str) -> None:

@@ -51,3 +51,16 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(config.ConfigError, match=r"out_dir='.*file/sub' is not writable"):
         config.check_writable(tmp_path / "file" / "sub", "out_dir")
+
+
+def test_parse_cli_splits_flags_config_and_overrides():
+    from tasks.config import parse_cli
+
+    options = {"--resume": "run.resume=true", "--eval-only": None}
+    assert parse_cli(["--config", "x", "--resume", "a.b=1"], "d", options) == ("x", ["run.resume=true", "a.b=1"], set())
+    assert parse_cli(["--eval-only", "config=y"], "d", options) == ("y", [], {"--eval-only"})
+    assert parse_cli(["-h"], "d", options) is None
+    with pytest.raises(SystemExit, match="unknown option '--bogus'; use --config NAME, --resume, --eval-only"):
+        parse_cli(["--bogus"], "d", options)
+    with pytest.raises(SystemExit, match="--config needs a name, e.g. --config d"):
+        parse_cli(["--config"], "d", options)

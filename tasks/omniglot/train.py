@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 import bilevel as bl
 
 from . import distributed as dist
+from tasks.config import parse_cli
+
 from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
 from .evaluation import evaluate_only, select_test_adaptation, test_solver
@@ -451,33 +453,14 @@ def _main(cfg: DictConfig, data=None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> dict:
-    """Parse ``[--config NAME] [--resume | --overwrite] key=value ...`` and run :func:`main`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name, overrides, eval_only = "demo", [], False
-    while argv:
-        arg = argv.pop(0)
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            return {}
-        if arg == "--resume":
-            overrides.append("run.resume=true")
-        elif arg == "--overwrite":
-            overrides.append("run.overwrite=true")
-        elif arg == "--eval-only":
-            eval_only = True
-        elif arg == "--config":
-            if not argv:
-                raise SystemExit("--config needs a name, e.g. --config maml_5w1s")
-            name = argv.pop(0)
-        elif arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("config="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite, --eval-only and "
-                             f"key=value overrides.")
-        else:
-            overrides.append(arg)
+    """Parse ``[--config NAME] [--resume | --overwrite | --eval-only] key=value ...`` and run :func:`main`."""
+    parsed = parse_cli(sys.argv[1:] if argv is None else argv, "demo",
+                       {"--resume": "run.resume=true", "--overwrite": "run.overwrite=true", "--eval-only": None})
+    if parsed is None:
+        print(__doc__)
+        return {}
+    name, overrides, flags = parsed
+    eval_only = "--eval-only" in flags
     if eval_only:   # the checkpoint's own config, with test settings from the command line
         given = dict(o.split("=", 1) for o in overrides if "=" in o)
         run_dir = Path(given.get("run.dir") or Path("runs") / "omniglot" / given.get("run.name", name))

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 import bilevel as bl
 
+from tasks.config import parse_cli
 from tasks.omniglot.run_folder import RunFolder, RunFolderError, load_checkpoint
 
 from .config import load_config
@@ -497,28 +498,12 @@ def _cpu_name() -> str:
 
 def cli(argv: list[str] | None = None) -> dict:
     """Parse ``[--config NAME] [--resume] key=value ...`` and run :func:`main`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name, overrides = "maml", []
-    while argv:
-        arg = argv.pop(0)
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            return {}
-        if arg == "--resume":
-            overrides.append("run.resume=true")
-        elif arg == "--overwrite":
-            overrides.append("run.overwrite=true")
-        elif arg == "--config":
-            if not argv:
-                raise SystemExit("--config needs a name, e.g. --config maml")
-            name = argv.pop(0)
-        elif arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            raise SystemExit(f"unknown option {arg!r}; use --config NAME, --resume, --overwrite and key=value "
-                             f"overrides.")
-        else:
-            overrides.append(arg)
+    parsed = parse_cli(sys.argv[1:] if argv is None else argv, "maml",
+                       {"--resume": "run.resume=true", "--overwrite": "run.overwrite=true"})
+    if parsed is None:
+        print(__doc__)
+        return {}
+    name, overrides, _ = parsed
     try:
         cfg = load_config(name, overrides)
     except (ValueError, FileNotFoundError) as err:   # a bad command line: the message, not a traceback
