@@ -134,7 +134,7 @@ def workload_summary(tasks_count: int, checkpoint, seed: int) -> None:
         work = train.build(cfg)
         thetas = [("init", work.model.init_params())]
         if checkpoint:
-            state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")   # tensors and containers only
             thetas.append((f"step {state['step']}", dict(state["hparams"])))
         for label, theta in thetas:
             cpu = time.process_time()

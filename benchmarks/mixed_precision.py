@@ -47,7 +47,7 @@ def main(argv=None):
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
     hparams = work.model.init_params()
     if args.weights:
-        hparams = {k: v.float() for k, v in torch.load(args.weights, weights_only=False)["hparams"].items()}
+        hparams = {k: v.float() for k, v in torch.load(args.weights, weights_only=True)["hparams"].items()}
 
     def step(name):
         out = bl.meta_grad(work.method, work.problem, hparams, inner, outer,
