@@ -24,24 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bilevel.layers import odeint
-
-
-def saved_bytes(fn):
-    """Run ``fn`` and return (its output, bytes of the distinct storages autograd saved for backward)."""
-    seen, total = set(), [0]
-
-    def pack(x):
-        key = (x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total[0] += key[1]
-        # a detached alias: returning x itself would make a saved output reference its own grad_fn, a cycle
-        # that is never freed
-        return x.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = fn()
-    return out, total[0]
+from bilevel.testing import saved_bytes
 
 
 def main(argv=None):

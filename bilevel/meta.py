@@ -115,6 +115,19 @@ def _nonfinite_inputs(hparams: HParams, **batches) -> str:
     return ", ".join(bad)
 
 
+def _apply_policy(call: str, out: Hypergrad, method, problem: Problem, on_nonconvergence: str, on_nonfinite: str,
+                  hparams: HParams, **inputs) -> Hypergrad:
+    """:func:`~bilevel.diagnostics.check` on ``out``; a non-finite result caused by non-finite inputs says so."""
+    try:
+        check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
+    except NonFiniteError as err:
+        bad = _nonfinite_inputs(hparams, **inputs)
+        if bad:
+            raise NonFiniteError(f"{call}: the inputs hold NaN or inf ({bad}); fix them first. {err}") from None
+        raise
+    return out
+
+
 def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
               params0: Optional[Params] = None, *, on_nonconvergence: str = "warn",
               on_nonfinite: str = "raise", precision: Optional[str] = None) -> Hypergrad:
@@ -148,14 +161,8 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
         _explain_failure("hypergrad", err, problem, hparams, params0, inner_batch=inner_batch,
                          outer_batch=outer_batch)
         raise
-    try:
-        check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
-    except NonFiniteError as err:
-        bad = _nonfinite_inputs(hparams, params0=params0, inner_batch=inner_batch, outer_batch=outer_batch)
-        if bad:
-            raise NonFiniteError(f"hypergrad: the inputs hold NaN or inf ({bad}); fix them first. {err}") from None
-        raise
-    return out
+    return _apply_policy("hypergrad", out, method, problem, on_nonconvergence, on_nonfinite, hparams,
+                         params0=params0, inner_batch=inner_batch, outer_batch=outer_batch)
 
 
 def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, outer_batches: Batch,
@@ -272,11 +279,5 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     if skip:
         dropped = (~kept).sum()
     out = out._replace(linear_info=out.linear_info or None, dropped=dropped, kept=kept)
-    try:
-        check(out, method, on_nonconvergence, on_nonfinite, problem.solver.tol)
-    except NonFiniteError as err:
-        bad = _nonfinite_inputs(hparams, params0=params0, inner_batches=inner_batches, outer_batches=outer_batches)
-        if bad:
-            raise NonFiniteError(f"meta_grad: the inputs hold NaN or inf ({bad}); fix them first. {err}") from None
-        raise
-    return out
+    return _apply_policy("meta_grad", out, method, problem, on_nonconvergence, on_nonfinite, hparams,
+                         params0=params0, inner_batches=inner_batches, outer_batches=outer_batches)

@@ -75,3 +75,25 @@ def check_hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Bat
     fd_error = float(torch.linalg.vector_norm(est - fd) / torch.linalg.vector_norm(fd))
     dense_error = float(tree.norm(tree.sub(grad, dense)) / tree.norm(dense))
     return HypergradCheck(fd_error, dense_error, grad)
+
+
+def saved_bytes(fn):
+    """Run ``fn()``; return ``(its output, bytes of the distinct tensor storages autograd saved for backward)``.
+
+    What a backward pass will hold in memory, measured without a GPU: an adjoint or implicit backward saves the
+    same bytes whatever the number of solver steps, unrolling saves more with every step.
+    """
+    seen, total = set(), [0]
+
+    def pack(x):
+        key = (x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total[0] += key[1]
+        # a detached alias: returning x itself would make a saved output reference its own grad_fn, a cycle that is
+        # never freed
+        return x.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return out, total[0]

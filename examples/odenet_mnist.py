@@ -32,6 +32,7 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bilevel.layers import Record, odeint  # noqa: E402
+from bilevel.testing import saved_bytes  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
 
 
@@ -75,23 +76,6 @@ class ODENet(nn.Module):
 def load(split, n, root):
     images, labels = load_idx_dataset("mnist", split, root)
     return images[:n].reshape(-1, 784).float() / 255.0, labels[:n]
-
-
-def saved_bytes(fn):
-    seen, total = set(), [0]
-
-    def pack(x):
-        key = (x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total[0] += key[1]
-        # a detached alias: returning x itself would make a saved output reference its own grad_fn, a cycle
-        # that is never freed
-        return x.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = fn()
-    return out, total[0]
 
 
 def run(cfg: Config) -> dict:

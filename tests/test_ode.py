@@ -10,6 +10,7 @@ from torch.func import grad, jvp, vmap
 
 from bilevel.diagnostics import NonConvergenceError, NonFiniteError
 from bilevel.layers import ODEInfo, Record, odeint
+from bilevel.testing import saved_bytes
 
 DT = torch.float64
 
@@ -275,15 +276,8 @@ def test_the_adjoint_saves_as_much_for_backward_whatever_the_number_of_steps():
     t = torch.tensor([0.0, 1.0], dtype=DT)
 
     def saved(steps, adjoint):
-        storages = set()
-
-        def pack(x):
-            storages.add((x.untyped_storage().data_ptr(), x.untyped_storage().nbytes()))
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            odeint(tanh_field, h0, t, W, method="rk4", step_size=1 / steps, adjoint=adjoint)
-        return sum(n for _, n in storages)
+        return saved_bytes(lambda: odeint(tanh_field, h0, t, W, method="rk4", step_size=1 / steps,
+                                          adjoint=adjoint))[1]
 
     assert saved(10, True) == saved(40, True)
     assert saved(40, False) > 3 * saved(10, False) > 3 * saved(10, True)
