@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tasks.config import ConfigError, check_writable
+from tasks.omniglot.run_folder import _alive  # one liveness test for every run lock
 
 from .config import validate
 from .plots import plot_history, plot_landscape
@@ -124,16 +125,6 @@ def _lock(out: Path) -> Path:
         return path
     raise ConfigError(f"invalid config: out_dir={str(out)!r}: could not take {LOCK}; another run started at the "
                       f"same time. Choose another out_dir.")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def _run(cfg, write: bool) -> dict:
