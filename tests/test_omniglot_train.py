@@ -113,6 +113,28 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small, tmp_path, monkey
     assert history["step"] == [1, 2, 3, 4, 5] and history["val_step"] == [2, 4, 5]
 
 
+def test_a_cpu_budget_ends_training_then_tests_and_a_bigger_one_resumes(small, tmp_path, monkeypatch):
+    clock, real_step = {"t": 0.0}, train.meta_step
+
+    def ten_cpu_seconds_each(*a, **k):   # a fake process clock: each meta-step costs exactly 10 s
+        clock["t"] += 10.0
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "meta_step", ten_cpu_seconds_each)
+    monkeypatch.setattr(train.time, "process_time", lambda: clock["t"])
+    args = ["method.name=fomaml", "meta.batch=2", "meta.steps=10", "run.checkpoint_every=0", "eval.every=5",
+            "eval.val_tasks=2", "eval.test_tasks=3"]
+    first = train.main(tiny(tmp_path, *args, "run.budget_cpu_minutes=0.5"), small)
+    assert first["meta_steps"] == 3 and first["planned_meta_steps"] == 10 and first["train_cpu_time_s"] == 30.0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and state["history"]["val_step"] == [3]     # validated where it stopped
+    again = train.main(tiny(tmp_path, *args, "run.budget_cpu_minutes=0.5", "run.resume=true"), small)
+    assert again["meta_steps"] == 3                                        # a spent budget takes no step
+    more = train.main(tiny(tmp_path, *args, "run.budget_cpu_minutes=1", "run.resume=true"), small)
+    assert more["meta_steps"] == 6
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]["val_step"] == [3, 5, 6]
+
+
 def test_kill_9_then_resume_ends_with_the_same_weights(small, tmp_path, monkeypatch):
     import signal
     import subprocess

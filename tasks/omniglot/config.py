@@ -119,6 +119,8 @@ class RunConfig:
     dir: Optional[str] = None              # output folder for checkpoint.pt, results.json, curves.png
     seed: int = 0                          # model initialisation and task stream
     checkpoint_every: int = 200            # meta-steps between atomic checkpoints (0: only at the end)
+    budget_cpu_minutes: Optional[float] = None  # end training (then validate and test) once it has used this much
+                                           # CPU time, validation excluded; None: run all meta.steps
     threads: Optional[int] = None          # torch.set_num_threads; None: leave torch's default
     device: str = "auto"                   # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:1 ...
     progress: bool = True                  # tqdm progress bar
@@ -207,6 +209,8 @@ def validate(cfg: DictConfig) -> None:
     _check(e.every >= 0 and e.val_tasks >= 1 and e.test_tasks >= 1,
            "eval.every must be >= 0, eval.val_tasks and eval.test_tasks >= 1.")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0.")
+    _check(cfg.run.budget_cpu_minutes is None or cfg.run.budget_cpu_minutes > 0,
+           f"run.budget_cpu_minutes={cfg.run.budget_cpu_minutes}; use null (no budget) or a positive number.")
     _check(cfg.run.threads is None or cfg.run.threads >= 1, f"run.threads={cfg.run.threads}; use null or >= 1.")
     _check(not (cfg.run.resume and cfg.run.overwrite),
            "run.resume and run.overwrite (--resume, --overwrite) exclude each other; pick one.")

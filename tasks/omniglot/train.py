@@ -341,13 +341,20 @@ def _main(cfg: DictConfig, data=None) -> dict:
                disable=not (cfg.run.progress and ctx.is_main), mininterval=1.0)
     tic, cpu_tic = time.perf_counter(), time.process_time()
     best = max(history["val_acc"], default=-1.0)
+    budget = None if cfg.run.budget_cpu_minutes is None else 60.0 * cfg.run.budget_cpu_minutes
     for step in range(start, cfg.meta.steps):
+        if budget is not None and cpu >= budget:   # a resumed run whose budget is already spent
+            break
         tasks = work.samplers["train"].sample(step, per_rank, start=ctx.rank * per_rank)
         tasks = Tasks(*(t.to(work.device) for t in tasks))
         grad, loss, acc, out = meta_step(work, hparams, tasks)
+        # The budget is judged on the main rank's clock and travels with the metrics, so every rank stops together.
+        over = budget is not None and ctx.is_main and cpu + time.process_time() - cpu_tic >= budget
         metrics = {"loss": loss, "acc": acc.mean(), "unconverged": unconverged_fraction(out),
-                   "residual": adjoint_residual(out), "dropped": 0 if out.dropped is None else out.dropped}
+                   "residual": adjoint_residual(out), "dropped": 0 if out.dropped is None else out.dropped,
+                   "over_budget": float(over)}
         grad, metrics = ctx.all_reduce_mean(grad, metrics, nonfinite=_nonfinite(grad, out))
+        last = step + 1 == cfg.meta.steps or metrics.pop("over_budget") > 0
         if grad is not None:  # None: a non-finite hypergradient somewhere, the step is skipped on every rank
             for group in opt.param_groups:
                 group["lr"] = meta_lr(cfg, step)
@@ -364,7 +371,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}", refresh=False)
         log = {f"train/{k}": v for k, v in metrics.items()} | {"meta_lr": meta_lr(cfg, step)}
         done = step + 1
-        if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.meta.steps) and ctx.is_main:
+        if cfg.eval.every and (done % cfg.eval.every == 0 or last) and ctx.is_main:
             # Time to accuracy counts training only: the clocks stop during validation.
             elapsed += time.perf_counter() - tic
             cpu += time.process_time() - cpu_tic
@@ -389,15 +396,18 @@ def _main(cfg: DictConfig, data=None) -> dict:
             cpu += time.process_time() - cpu_tic
             tic, cpu_tic = time.perf_counter(), time.process_time()
             checkpoint(done)
+        if last:
+            break
     bar.close()
     elapsed += time.perf_counter() - tic
     cpu += time.process_time() - cpu_tic
-    if start < cfg.meta.steps or not ckpt_path.is_file():
-        checkpoint(cfg.meta.steps)
+    reached = (history["step"] or [0])[-1]
+    if reached > start or not ckpt_path.is_file():
+        checkpoint(reached)
 
     results = None
     if ctx.is_main:
-        tested = {"file": "checkpoint.pt", "step": cfg.meta.steps}
+        tested = {"file": "checkpoint.pt", "step": reached}
         if cfg.eval.weights == "best" and (run_dir / "best.pt").is_file():   # best by validation, as the papers
             best_state = load_checkpoint(run_dir / "best.pt", map_location=work.device)
             hparams = best_state["hparams"]
@@ -414,7 +424,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
         results = {
             "name": cfg.run.name, "method": cfg.method.name, "protocol": _protocol(cfg),
             "test": test, "tested_weights": tested, "test_adaptation": adaptation,
-            "meta_steps": cfg.meta.steps, "meta_batch": cfg.meta.batch,
+            "meta_steps": reached, "meta_batch": cfg.meta.batch, "planned_meta_steps": cfg.meta.steps,
+            "budget_cpu_minutes": cfg.run.budget_cpu_minutes,
             "train_cpu_time_s": round(cpu, 1),
             "train_wall_time_s": round(elapsed, 1),
             "adjoint_unconverged_fraction": (sum(history["unconverged"]) / len(history["unconverged"])
@@ -431,7 +442,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
             "command": " ".join(sys.argv), "config": OmegaConf.to_container(cfg),
         }
         _atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
-        t, reached = cfg.task, (history["step"] or [0])[-1]
+        t = cfg.task
         _plot_curves(run_dir / "curves.png", history,
                      f"{cfg.run.name}: {cfg.method.name}, {t.ways}-way {t.shots}-shot, {cfg.data.protocol} split, "
                      f"rotation {cfg.data.rotation}, transductive batch norm; {reached} meta-steps x "
@@ -439,7 +450,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
                      f"{100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks, inner lr {adaptation['lr']:g} x "
                      f"{adaptation['steps']} steps, {tested['file']} of step {tested['step']})")
         print(f"{cfg.run.name}: test accuracy {100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % "
-              f"(95% CI, {test['tasks']} tasks; {cfg.meta.steps} meta-steps, {elapsed / 60:.1f} min training) "
+              f"(95% CI, {test['tasks']} tasks; {reached} meta-steps, {cpu / 60:.1f} CPU min training) "
               f"-> {run_dir / 'results.json'}")
         if history["skipped"] or history["divergence"]:
             print(f"{cfg.run.name}: {len(history['skipped'])} of {reached} meta-steps skipped for a non-finite "
