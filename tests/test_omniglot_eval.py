@@ -65,7 +65,7 @@ def test_eval_only_tests_a_checkpoint_with_other_settings_and_overwrites_nothing
     assert files == {f"eval-step{first['weights']['step']}-lr0.1x1.json",
                      f"eval-step{first['weights']['step']}-lr0.1x1-2.json"}
     assert first["test"] == second["test"]                     # the same fixed test tasks
-    assert first["test_adaptation"] == {"lr": 0.1, "steps": 1}
+    assert first["test_adaptation"] == {"lr": 0.1, "steps": 1, "reg": 0.0}
     assert (run / "results.json").read_bytes() == before
     assert json.loads((run / min(files)).read_text())["weights"]["file"] == "best.pt"
     # the configured test settings reproduce the training run's own test
@@ -81,3 +81,24 @@ def test_eval_only_refuses_to_change_what_was_trained(trained):
         train.cli(["--eval-only", f"run.dir={run}", "task.ways=20"])
     with pytest.raises(SystemExit, match="no checkpoint.pt in"):
         train.cli(["--eval-only", f"run.dir={run / 'nothing'}"])
+
+
+@pytest.mark.parametrize("method, test_reg, expected", [
+    ("imaml", None, 2.0),   # the training inner loss: proximal with method.reg
+    ("imaml", 0.0, 0.0),    # the iMAML authors' test protocol (measure_accuracy.py --lam 0.0): the plain loss
+    ("maml", None, 0.0), ("maml", 0.5, 0.5),
+])
+def test_test_time_adaptation_minimises_the_loss_inner_test_reg_names(trained, tmp_path, method, test_reg,
+                                                                      expected):
+    _, _, small = trained
+    extra = [] if test_reg is None else [f"inner.test_reg={test_reg}"]
+    work = train.build(load_config("demo", SMALL + [f"run.dir={tmp_path}", f"method.name={method}",
+                                                    "method.reg=2.0", *extra]), small)
+    hparams = work.model.init_params()
+    moved = {k: v + 0.01 for k, v in hparams.items()}
+    task = work.samplers["train"].sample(0, 1).task(0)
+    batch = (task.support, task.support_labels)
+    plain = train.cross_entropy_loss(work.model)(moved, hparams, batch)
+    distance = sum(float((moved[k] - hparams[k]).pow(2).sum()) for k in hparams)
+    assert float(work.test_loss(moved, hparams, batch)) == pytest.approx(float(plain) + expected / 2 * distance,
+                                                                         rel=1e-5)

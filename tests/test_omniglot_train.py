@@ -169,6 +169,15 @@ def test_resume_refuses_a_different_task(small, tmp_path):
                         "run.resume=true"), small)
 
 
+def test_resume_names_changed_test_settings_and_refuses_changed_training_ones(small, tmp_path):
+    args = ["method.name=fomaml", "meta.batch=1", "eval.every=0"]
+    train.main(tiny(tmp_path, *args, "meta.steps=1"), small)
+    with pytest.warns(UserWarning, match=r"inner.test_steps: 2 -> 3"):   # how it is tested, not what is trained
+        train.main(tiny(tmp_path, *args, "meta.steps=2", "inner.test_steps=3", "run.resume=true"), small)
+    with pytest.raises(ValueError, match="'inner' section differs"):
+        train.main(tiny(tmp_path, *args, "meta.steps=3", "inner.steps=2", "run.resume=true"), small)
+
+
 def test_script_smoke_run_writes_results_and_curves(small, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"

@@ -59,6 +59,9 @@ class InnerConfig:
     steps: int = 1                         # inner steps during meta-training
     test_steps: int = 10                   # inner steps at validation / test time (MAML: 10)
     test_lr: Optional[float] = None        # None: same as lr
+    test_reg: Optional[float] = None       # proximal lambda of test-time adaptation; None: method.reg for imaml and
+                                           # neumann (their training inner loss), else 0; 0: the plain loss (the
+                                           # iMAML authors' measure_accuracy.py, --lam 0.0)
 
 
 @dataclass
@@ -176,6 +179,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.inner.solver in ("gd", "adam"), f"inner.solver={cfg.inner.solver!r}; use gd or adam.")
     _check(cfg.inner.lr > 0 and (cfg.inner.test_lr is None or cfg.inner.test_lr > 0), "inner.lr must be > 0.")
     _check(cfg.inner.steps >= 1 and cfg.inner.test_steps >= 1, "inner.steps and inner.test_steps must be >= 1.")
+    _check(cfg.inner.test_reg is None or cfg.inner.test_reg >= 0,
+           f"inner.test_reg={cfg.inner.test_reg}; use null (the training inner loss) or a value >= 0.")
     m = cfg.method
     _check(m.name in METHODS, f"method.name={m.name!r}; choose one of {', '.join(METHODS)}.")
     _check(m.truncate is None or m.truncate >= 1, "method.truncate must be None or >= 1.")

@@ -25,10 +25,10 @@ import bilevel as bl
 from .config import OmniglotConfig, validate
 from .data import _atomic_write
 
-__all__ = ["test_solver", "select_test_adaptation", "evaluate_only", "EVAL_KEYS"]
+__all__ = ["test_solver", "test_reg", "select_test_adaptation", "evaluate_only", "EVAL_KEYS"]
 
 # What an evaluate-only run may change on the command line: how to test, not what was trained.
-EVAL_KEYS = ("inner.test_lr", "inner.test_steps", "eval.", "data.root", "data.download", "data.cache",
+EVAL_KEYS = ("inner.test_lr", "inner.test_steps", "inner.test_reg", "eval.", "data.root", "data.download", "data.cache",
              "run.dir", "run.name", "run.threads", "run.device", "run.progress", "wandb.")
 
 
@@ -36,6 +36,13 @@ def test_solver(cfg: DictConfig, lr: float, steps: int):
     """The inner solver used at test time (the training solver's kind, with test-time lr and steps)."""
     make = bl.Adam if cfg.inner.solver == "adam" else bl.GradientDescent
     return make(lr=lr, steps=steps)
+
+
+def test_reg(cfg: DictConfig) -> float:
+    """The proximal lambda of test-time adaptation: ``inner.test_reg``, else the training inner loss's."""
+    if cfg.inner.test_reg is not None:
+        return float(cfg.inner.test_reg)
+    return float(cfg.method.reg) if cfg.method.name in ("imaml", "neumann") else 0.0
 
 
 def select_test_adaptation(work, hparams, evaluate) -> dict:
@@ -96,6 +103,7 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
         adaptation = select_test_adaptation(work, hparams, evaluate)
     else:
         adaptation = {"lr": cfg.inner.test_lr or cfg.inner.lr, "steps": cfg.inner.test_steps}
+    adaptation["reg"] = test_reg(cfg)
     test = evaluate(work, hparams, "test", cfg.eval.test_tasks,
                     solver=test_solver(cfg, adaptation["lr"], adaptation["steps"]))
     results = {
@@ -103,10 +111,12 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
         "trained_steps": state["step"], "test": test, "test_adaptation": adaptation,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "overrides": list(overrides),
     }
-    name = f"eval-step{chosen['step']}-lr{adaptation['lr']:g}x{adaptation['steps']}.json"
+    proximal = adaptation["reg"] or cfg.method.name in ("imaml", "neumann")
+    reg = f"-reg{adaptation['reg']:g}" if proximal else ""
+    name = f"eval-step{chosen['step']}-lr{adaptation['lr']:g}x{adaptation['steps']}{reg}.json"
     path = _unique(run_dir / name)
     _atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"{run_dir.name} ({source.name}, meta-step {chosen['step']}): test accuracy "
           f"{100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks; inner lr "
-          f"{adaptation['lr']:g} x {adaptation['steps']} steps) -> {path}")
+          f"{adaptation['lr']:g} x {adaptation['steps']} steps{', proximal lambda ' + format(adaptation['reg'], 'g') if adaptation['reg'] else ''}) -> {path}")
     return results

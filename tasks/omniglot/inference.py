@@ -187,7 +187,9 @@ class FewShotClassifier:
             raise ValueError(f"{path}: no training config in the checkpoint; build FewShotClassifier(hparams, ...) "
                              f"directly instead.")
         inner = cfg["inner"]
-        reg = cfg["method"]["reg"] if cfg["method"]["name"] in ("imaml", "neumann") else None
+        reg = inner.get("test_reg")    # None (and checkpoints from before inner.test_reg): the training inner loss
+        if reg is None:
+            reg = cfg["method"]["reg"] if cfg["method"]["name"] in ("imaml", "neumann") else None
         pool = (cfg.get("model") or {}).get("pool", "max")   # checkpoints from before model.pool: max-pool
         chosen = state.get("test_adaptation") or {}   # chosen on validation tasks at the end of training
         lr = inner_lr if inner_lr is not None else chosen.get("lr") or inner["test_lr"] or inner["lr"]

@@ -237,7 +237,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def check_resume(saved, cfg, step: int, path: Path) -> None:
-    """Refuse a resume that would change the run's meaning; warn about other changed ``meta`` settings.
+    """Refuse a resume that would change the run's meaning; warn about changed ``meta`` and test-time settings.
 
     ``run.seed`` sets the task stream, so a new seed would splice two runs; ``meta.steps`` below the reached step
     would label further-trained weights as a shorter run. Changing, e.g., ``meta.lr`` is allowed and named.
@@ -251,6 +251,8 @@ def check_resume(saved, cfg, step: int, path: Path) -> None:
                              f"are not a {cfg.meta.steps}-step result. Use meta.steps >= {step}, or start a new run.")
     changed = [f"meta.{k}: {saved.meta[k]} -> {cfg.meta[k]}" for k in cfg.meta
                if k != "steps" and k in saved.meta and saved.meta[k] != cfg.meta[k]]
+    changed += [f"inner.{k}: {saved.inner[k]} -> {cfg.inner[k]}" for k in cfg.inner
+                if k.startswith("test_") and k in saved.inner and saved.inner[k] != cfg.inner[k]]
     if changed:
         warnings.warn(f"--resume of {path} with changed settings: {'; '.join(changed)}.", UserWarning,
                       stacklevel=3)

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +40,7 @@ from tasks.config import parse_cli
 
 from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
-from .evaluation import evaluate_only, select_test_adaptation, test_solver
+from .evaluation import evaluate_only, select_test_adaptation, test_reg, test_solver
 from .model import Conv4, cross_entropy_loss
 from .run_folder import (DivergenceError, RunFolder, check_resume, check_step, load_checkpoint,
                          weights_norm)
@@ -60,12 +61,13 @@ class Workload:
     problem: bl.Problem
     method: object
     test_solver: object
+    test_loss: Callable            # the inner loss of test-time adaptation (inner.test_reg)
     samplers: dict[str, TaskSampler]
     device: torch.device = torch.device("cpu")
 
 
 def make_method(cfg: DictConfig, model: Conv4):
-    """``(problem, method, test_solver)`` for ``cfg.method.name`` (the methods' registry)."""
+    """``(problem, method, test_solver, test_loss)`` for ``cfg.method.name`` (the methods' registry)."""
     m, inner = cfg.method, cfg.inner
     loss = cross_entropy_loss(model)
     if m.name in ("imaml", "neumann"):  # both solve iMAML's proximal inner problem; they differ in the linear solve
@@ -83,7 +85,9 @@ def make_method(cfg: DictConfig, model: Conv4):
         "reptile": lambda: bl.Reptile(),
         "neumann": lambda: bl.neumann(steps=m.neumann_steps, alpha=m.neumann_alpha, tol=m.tol),
     }[m.name]()
-    return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver
+    reg = test_reg(cfg)
+    test_loss = bl.proximal(loss, reg) if reg else loss
+    return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver, test_loss
 
 
 def build(cfg: DictConfig, data=None) -> Workload:
@@ -111,8 +115,8 @@ def build(cfg: DictConfig, data=None) -> Workload:
                   file=sys.stderr)
     torch.manual_seed(cfg.run.seed)
     model = Conv4(t.ways, pool=cfg.model.pool)
-    problem, method, test_solver = make_method(cfg, model)
-    return Workload(cfg, model, problem, method, test_solver, samplers, _device(cfg))
+    problem, method, test_solver, test_loss = make_method(cfg, model)
+    return Workload(cfg, model, problem, method, test_solver, test_loss, samplers, _device(cfg))
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -155,7 +159,7 @@ def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50, s
         batch = Tasks(*(t.to(work.device) for t in batch))
         for i in range(batch.support.shape[0]):
             task = batch.task(i)
-            params, _ = solver(work.problem.inner_loss, dict(hparams), hparams,
+            params, _ = solver(work.test_loss, dict(hparams), hparams,
                                          (task.support, task.support_labels))
             with torch.no_grad():
                 logits = functional_call(work.model, params, (task.query,))
@@ -264,6 +268,11 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir or Path("runs") / "omniglot" / cfg.run.name)
 
 
+def _training_part(section: DictConfig) -> dict:
+    """A config section without its test-time keys (``inner.test_*``), which do not change what is trained."""
+    return {k: v for k, v in OmegaConf.to_container(section).items() if not k.startswith("test_")}
+
+
 def main(cfg: DictConfig, data=None) -> dict:
     """Train (or resume), validate, test; returns the results dict written to ``results.json``.
 
@@ -300,8 +309,8 @@ def _main(cfg: DictConfig, data=None) -> dict:
         state = load_checkpoint(ckpt_path, map_location=work.device)
         saved = OmegaConf.merge(OmegaConf.structured(OmniglotConfig), state["config"])  # new keys: defaults
         check_model(saved, cfg, ckpt_path)
-        for key in ("task", "method", "inner", "data"):
-            if OmegaConf.to_container(saved[key]) != OmegaConf.to_container(cfg[key]):
+        for key in ("task", "method", "inner", "data"):   # test-time settings may change (check_resume names them)
+            if _training_part(saved[key]) != _training_part(cfg[key]):
                 raise ValueError(f"--resume: the config's {key!r} section differs from the checkpoint's at "
                                  f"{ckpt_path}; resume with the same settings or use another run.dir.")
         check_resume(saved, cfg, state["step"], ckpt_path)
@@ -419,6 +428,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
                 if path.is_file():
                     state = load_checkpoint(path, map_location=work.device)
                     _save_checkpoint(path, {**state, "test_adaptation": adaptation})
+        adaptation["reg"] = test_reg(cfg)
         test = evaluate(work, hparams, "test", cfg.eval.test_tasks,
                         solver=test_solver(cfg, adaptation["lr"], adaptation["steps"]))
         results = {
