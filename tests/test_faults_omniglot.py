@@ -435,54 +435,6 @@ def test_labels_given_as_a_tensor_name_classes_by_value(small, clf):
     assert task.classes == [0, 1, 2] and task.params["head.weight"].shape[0] == 3
 
 
-def test_two_runs_started_together_in_one_folder_one_is_refused(tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    claim = ("import sys, time\n"
-             "from pathlib import Path\n"
-             "from tasks.omniglot.run_folder import RunFolder, RunFolderError\n"
-             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-             "try:\n"
-             "    folder = RunFolder(sys.argv[1])\n"
-             "except RunFolderError as err:\n"
-             "    print('refused:', err, flush=True)\n"
-             "    sys.exit(0)\n"
-             "print('claimed', flush=True)\n"
-             "release = Path(sys.argv[3])\n"
-             "while not release.exists():   # hold the folder until the other start has been answered\n"
-             "    time.sleep(0.05)\n"
-             "folder.release()\n")
-    repo = Path(train.__file__).resolve().parents[2]
-    at, release = str(time.time() + 2.0), tmp_path.parent / f"{tmp_path.name}-release"  # both start together
-    procs = [subprocess.Popen([sys.executable, "-c", claim, str(tmp_path), at, str(release)], stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(repo))) for _ in range(2)]
-    try:
-        answers = sorted(p.stdout.readline().strip() for p in procs)
-    finally:
-        release.touch()
-        for p in procs:
-            p.communicate(timeout=60)
-    assert answers[0] == "claimed" and answers[1].startswith("refused:") and "in use by pid" in answers[1]
-    assert not (tmp_path / "run.lock").exists()
-
-
-def test_the_lock_works_without_hard_links(tmp_path, monkeypatch):
-    from tasks.omniglot.run_folder import RunFolder
-
-    def no_links(src, dst):
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
-    first = RunFolder(tmp_path)
-    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
-    (tmp_path / "run.lock").write_text(json.dumps({"pid": 4242, "host": "other-host"}))
-    with pytest.raises(RunFolderError, match="in use by pid 4242"):
-        RunFolder(tmp_path)
-    first.held = False   # the lock now names another holder; leave it to the test's tmp_path
-
-
 def test_a_config_file_with_a_python_tag_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "hostile.yaml"

@@ -12,6 +12,7 @@ import numpy as np
 
 import bilevel as bl
 from tasks.config import ConfigError
+from tasks.run_folder import RunFolderError
 from tasks.weight_decay.config import load_config
 from tasks.weight_decay.experiment import run
 from tasks.weight_decay.problems import curvature, init_hparams, make_task, ridge_hypergrad, ridge_solution
@@ -208,22 +209,33 @@ def test_unwritable_out_dir_fails_before_the_search(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cfg = load_config([], [f"out_dir={blocker / 'out'}", "wandb.mode=disabled"])
-    with pytest.raises(ConfigError, match=r"out_dir='.*a_file/out' is not writable"):
+    with pytest.raises(RunFolderError, match=r"run folder .*a_file/out is not writable .*choose another out_dir"):
         run(cfg)
 
 
-def test_finished_run_is_kept_unless_overwrite(tmp_path):
-    from tasks.weight_decay.experiment import claim_out_dir
+def test_finished_run_is_kept_unless_overwrite(tmp_path, monkeypatch):
+    import tasks.weight_decay.experiment as experiment
+    monkeypatch.setattr(experiment, "_run", lambda cfg, write: {"ran": True})
+
+    def claim(folder, *overrides):
+        return run(load_config([], [f"out_dir={folder}", "wandb.mode=disabled", *overrides]))
+
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "history.png").write_text("")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"already holds a finished run .*--overwrite"):
-        claim_out_dir(tmp_path)
-    assert (tmp_path / "results.json").exists()
-    claim_out_dir(tmp_path, overwrite=True)
+    with pytest.raises(RunFolderError, match=r"already holds a run \(results.json, history.png\); replace it with "
+                                             r"--overwrite, or choose another out_dir") as err:
+        claim(tmp_path)
+    assert "--resume" not in str(err.value)  # the script cannot resume: not offered
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "run.lock").exists()
+    assert claim(tmp_path, "overwrite=true") == {"ran": True}
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "history.png").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files are removed
-    claim_out_dir(tmp_path / "fresh" / "nested")  # created on demand
+    assert claim(tmp_path / "fresh" / "nested") == {"ran": True}  # created on demand
+    # What an interrupted run left (wandb/ is written from the start) is a run too: replacing it takes --overwrite.
+    (tmp_path / "wandb").mkdir()
+    with pytest.raises(RunFolderError, match=r"already holds a run \(wandb\)"):
+        claim(tmp_path)
 
 
 def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, monkeypatch):
@@ -237,7 +249,7 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, monkey
     # A live run (this test's parent process) holds the folder: refused, naming it.
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}
     (tmp_path / "run.lock").write_text(json.dumps(holder))
-    with pytest.raises(ConfigError, match=rf"is in use by pid {os.getppid()} on .* \(since earlier\)"):
+    with pytest.raises(RunFolderError, match=rf"is in use by pid {os.getppid()} on .* \(since earlier\); .*out_dir"):
         run(cfg)
     # A process that has ended left its lock behind: taken over, and released at the end.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -359,7 +371,7 @@ def test_cli_runs_iris_and_names_errors(tmp_path, capsys):
     assert results["sklearn"]["at_grid_best"]["val_loss"] == pytest.approx(results["grid"]["best"]["val_loss"],
                                                                             rel=1e-3)
     assert "results in" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"^error: invalid config: out_dir=.* already holds a finished run"):
+    with pytest.raises(SystemExit, match=r"^error: run folder .* already holds a run \(results.json, history.png"):
         cli(args)
     with pytest.raises(SystemExit, match=r"^error: invalid config: search.grid_points=0; must be >= 1"):
         cli(args + ["search.grid_points=0"])

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 import bilevel as bl
 
 from tasks.config import parse_cli
-from tasks.omniglot.run_folder import RunFolder, RunFolderError, load_checkpoint
+from tasks.run_folder import RunFolder, RunFolderError, load_checkpoint
 
 from .config import load_config
 from .inner import CurvatureScaledGD
@@ -335,7 +335,7 @@ RUN_FILES = ("checkpoint.pt", "results.json", "metrics.csv", "curves.png")   # w
 def main(cfg: DictConfig) -> dict:
     """Train (or resume), validate, test; returns the results dict written to ``results.json``.
 
-    The run folder is claimed first (:class:`~tasks.omniglot.run_folder.RunFolder`): a folder holding a run is
+    The run folder is claimed first (:class:`~tasks.run_folder.RunFolder`): a folder holding a run is
     refused unless ``run.resume`` or ``run.overwrite``, and ``run.lock`` keeps a second run out until this one ends.
     """
     folder = RunFolder(Path(cfg.run.dir or Path("runs") / "sinusoid" / cfg.run.name), resume=cfg.run.resume,

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -20,8 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from tasks.config import ConfigError, check_writable
-from tasks.omniglot.run_folder import _alive  # one liveness test for every run lock
+from tasks.run_folder import RunFolder
 
 from .config import validate
 from .plots import plot_history, plot_landscape
@@ -46,85 +43,28 @@ def reused_grid(cfg, task_name: str):
 RUN_FILES = ("results.json", "history.png", "landscape.png", "wandb")  # what one run writes
 
 
-def claim_out_dir(out_dir: str, overwrite: bool = False) -> Path:
-    """Make ``out_dir`` ready for one run, before any work, as the Omniglot script does with its run folder.
-
-    The folder is created and proven writable (a read-only folder is found now, not at ``results.json`` after the
-    search). A folder holding a finished run (``results.json``) is refused unless ``overwrite``, which deletes that
-    run's files first so two runs' files are never mixed. Stray files of an unfinished run are replaced silently.
-    :func:`run` also holds ``run.lock`` in the folder while it works, so two runs never share a folder.
-
-    Raises:
-        tasks.config.ConfigError: the folder is not writable, or holds a finished run and ``overwrite`` is off.
-    """
-    out = check_writable(out_dir, "out_dir")
-    if (out / "results.json").exists():
-        if not overwrite:
-            raise ConfigError(f"invalid config: out_dir={str(out_dir)!r} already holds a finished run (results.json); "
-                              f"replace it with --overwrite (overwrite=true) or choose another out_dir.")
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    return out
-
-
 def run(cfg, write: bool = True) -> dict:
     """Run grid search, random search and hypergradient descent as ``cfg`` says; return (and write) the results.
 
     Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``. Before any work the
-    config is validated and, when ``write``, ``out_dir`` is claimed (:func:`claim_out_dir`).
+    config is validated and, when ``write``, ``out_dir`` is claimed as a :class:`tasks.run_folder.RunFolder`: it must
+    be writable, a folder holding a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``, which deletes that
+    run's files first, and ``run.lock`` keeps a second run out until this one ends.
+
+    Raises:
+        tasks.run_folder.RunFolderError: ``out_dir`` is not writable, in use, or holds a run and ``overwrite`` is off.
     """
     validate(cfg)
-    lock = None
-    if write:
-        out = check_writable(cfg.out_dir, "out_dir")
-        lock = _lock(out)  # before looking at the folder's contents: two runs cannot both pass the check
+    folder = (RunFolder(cfg.out_dir, files=RUN_FILES, overwrite=cfg.overwrite, checkpoint=None, key="out_dir")
+              if write else None)
     threads = torch.get_num_threads()
     try:
-        if write:
-            claim_out_dir(cfg.out_dir, cfg.overwrite)
         torch.set_num_threads(cfg.threads)
         return _run(cfg, write)
     finally:
         torch.set_num_threads(threads)
-        if lock is not None:
-            lock.unlink(missing_ok=True)
-
-
-LOCK = "run.lock"
-
-
-def _lock(out: Path) -> Path:
-    """Hold ``<out>/run.lock`` (pid, host, start) for the run; refuse a folder another live run holds.
-
-    A lock left by a process that is gone (same host) is taken over, as the Omniglot script does.
-    """
-    path = out / LOCK
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ConfigError(f"invalid config: out_dir={str(out)!r} holds an unreadable {LOCK}; if no run uses "
-                                  f"the folder, delete that file.") from None
-            if host == socket.gethostname() and not _alive(pid):
-                path.unlink(missing_ok=True)  # its owner is gone: take it over
-                continue
-            raise ConfigError(f"invalid config: out_dir={str(out)!r} is in use by pid {pid} on {host} (since "
-                              f"{holder.get('started', '?')}); wait for that run or choose another out_dir.") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
-        return path
-    raise ConfigError(f"invalid config: out_dir={str(out)!r}: could not take {LOCK}; another run started at the "
-                      f"same time. Choose another out_dir.")
+        if folder is not None:
+            folder.release()
 
 
 def _run(cfg, write: bool) -> dict:
