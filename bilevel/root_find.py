@@ -6,7 +6,10 @@ implicit layers call them. ``z`` is one tensor of any shape, treated as a flat v
 
 All solvers run a fixed budget of ``steps`` iterations with a masked early stop (an iterate is frozen once
 ``||F(z)|| <= tol``), so they run unchanged under ``torch.func.vmap``, one problem per batch entry. Outside
-``vmap`` the loop also breaks as soon as the problem has converged, which saves the remaining iterations.
+``vmap`` the loop also breaks once the problem has converged, which saves the remaining iterations; it reads
+that on the host every ``check_every`` iterations (keyword option of every solver: 1 on the CPU, 8 on an
+accelerator, where each read is a device-to-host synchronisation; 0 never reads), with the same result for any
+value.
 ``SolveInfo.residual`` is ``||F(z)||₂`` (absolute) at the returned ``z``. The solvers only report; outside
 ``vmap``, ``check_solve(info, ...)`` applies the engine's raise / warn / ignore policy (the implicit layers call it).
 
@@ -44,12 +47,38 @@ def fixed_point_residual(f: RootFn) -> RootFn:
     return lambda z, *args: z - f(z, *args)
 
 
+# Reading every batch entry of a vmapped tensor needs two private functorch calls (present in torch 2.1 to 2.13).
+# They are looked up once: where they are missing, `_unwrapped` returns None and masked loops run their whole
+# budget under vmap, which gives the same result, only without the early stop.
+_functorch = getattr(torch._C, "_functorch", None)
+_CAN_UNWRAP = all(hasattr(_functorch, name) for name in ("is_functorch_wrapped_tensor", "get_unwrapped"))
+
+
+def _unwrapped(x: Tensor) -> Optional[Tensor]:
+    """The plain tensor under any functorch wrappers (under ``vmap``: every batch entry at once), or ``None`` if this
+    torch lacks the private API that reads it."""
+    if not _CAN_UNWRAP:
+        return None
+    while _functorch.is_functorch_wrapped_tensor(x):
+        x = _functorch.get_unwrapped(x)
+    return x
+
+
 def _all_true(mask: Tensor) -> bool:
-    """``bool(mask.all())``, also under ``vmap``: there it reads the plain tensor under the functorch wrappers, i.e.
-    every batch entry, so a masked loop can stop as soon as the whole batch is done (one host sync per call)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(mask):
-        mask = torch._C._functorch.get_unwrapped(mask)
-    return bool(mask.all())
+    """``bool(mask.all())``, also under ``vmap``, where it is true once every batch entry is, so a masked loop can
+    stop as soon as the whole batch is done (one host sync per call). ``False`` under ``vmap`` if the batch cannot
+    be read (see ``_unwrapped``): the caller then runs its full budget."""
+    plain = _unwrapped(mask)
+    if plain is None:
+        if _under_vmap():
+            return False
+        plain = mask
+    return bool(plain.all())
+
+
+def _check_now(k: int, check_every: int) -> bool:
+    """Whether iteration ``k`` reads the early stop on the host: every ``check_every`` iterations, never if 0."""
+    return check_every > 0 and k % check_every == 0
 
 
 class ConditioningWarning(UserWarning):
@@ -188,15 +217,33 @@ def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: s
 _POS = (lambda v: v > 0, "> 0")
 
 
+_CHECK_EVERY_ACCELERATOR = 8  # iterations between host reads off the CPU: a read waits for the device's queue
+
+
 @dataclass(frozen=True)
 class _RootSolver:
-    """The shared loop: validation, the masked early stop and the ``SolveInfo``. Subclasses define ``step``."""
+    """The shared loop: validation, the masked early stop and the ``SolveInfo``. Subclasses define ``step``.
+
+    ``check_every`` (keyword only, in every solver) is how often the loop reads the early stop on the host,
+    which is one device-to-host synchronisation on an accelerator: every ``check_every`` iterations (and trials of
+    Newton's line search), never with ``0`` (a fixed budget with no host read at all). ``None`` (the default) is 1
+    on the CPU and 8 elsewhere. The value changes only how many masked (frozen) iterations run after convergence,
+    never the result: ``z`` and ``SolveInfo`` are the same for every ``check_every``.
+    """
 
     steps: int = 50
     tol: float = 1e-6
+    check_every: Optional[int] = field(default=None, kw_only=True)
 
     def __post_init__(self):
-        _check(type(self).__name__, steps=(self.steps, *_STEPS), tol=(self.tol, *_NONNEG))
+        _check(type(self).__name__, steps=(self.steps, *_STEPS), tol=(self.tol, *_NONNEG),
+               check_every=(self.check_every, lambda v: v is None or (isinstance(v, int) and v >= 0),
+                            "None or an int >= 0"))
+
+    def _cadence(self, z: Tensor) -> int:
+        if self.check_every is not None:
+            return self.check_every
+        return 1 if z.device.type == "cpu" else _CHECK_EVERY_ACCELERATOR
 
     def __call__(self, fn: RootFn, z0: Tensor, *args) -> tuple[Tensor, SolveInfo]:
         """Solve ``fn(z, *args) = 0`` from ``z0``.
@@ -220,9 +267,10 @@ class _RootSolver:
         state = self.init(F, z, r)
         count = res.new_zeros((), dtype=torch.long)
         done = (res <= self.tol) | ~torch.isfinite(res)
-        batched = _under_vmap()
+        batched, every = _under_vmap(), self._cadence(z0)
         for k in range(self.steps):
-            if not batched and bool(done):
+            # the extra iterations between two reads are masked: they change nothing but the time taken
+            if not batched and _check_now(k, every) and bool(done):
                 break
             z_new, r_new, state = self.step(F, z, r, state, k)
             z, r = torch.where(done, z, z_new), torch.where(done, r, r_new)
@@ -316,7 +364,8 @@ class Newton(_RootSolver):
     step passes and convergence is quadratic; far from it the search stops the overshoot of plain Newton (e.g.
     ``arctan(z) = 0`` from ``|z0| > 1.39`` diverges without it). Each step costs ``n`` JVPs, an n×n solve and
     1 to ``backtracks + 1`` evaluations of ``F``; under ``vmap`` the trials stop once every problem has accepted
-    one. A singular ``J`` gives a non-finite step, reported as ``info.nonfinite``.
+    one (read on the host every ``check_every`` trials, like the early stop). A singular ``J`` gives a non-finite
+    step, reported as ``info.nonfinite``.
 
     Args:
         steps: maximum Newton steps.
@@ -337,6 +386,9 @@ class Newton(_RootSolver):
                     jacobian=(self.jacobian, lambda v: v in ("fwd", "rev"), '"fwd" or "rev"'),
                     backtracks=(self.backtracks, *_STEPS))
 
+    def init(self, F, z, r):
+        return self._cadence(z)  # how often the line search reads `accepted` on the host
+
     def step(self, F, z, r, state, k):
         jac = (torch.func.jacfwd if self.jacobian == "fwd" else torch.func.jacrev)(F)(z)
         n = z.numel()
@@ -346,9 +398,11 @@ class Newton(_RootSolver):
         best_z = z - t * dz
         best_r = F(best_z)
         best = torch.linalg.vector_norm(best_r) ** 2
-        accepted = best <= (1 - 2e-4 * t) * merit
-        for _ in range(self.backtracks):
-            if _all_true(accepted | ~torch.isfinite(merit)):
+        # a non-finite merit (a problem already done) takes the first trial, whenever the search is read
+        accepted = (best <= (1 - 2e-4 * t) * merit) | ~torch.isfinite(merit)
+        for j in range(self.backtracks):
+            # j = 0 is read whenever reads are on: near a root the full step passes and the search ends there
+            if _check_now(j, state) and _all_true(accepted):
                 break
             t = t / 2
             z_try = z - t * dz

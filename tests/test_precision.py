@@ -144,9 +144,18 @@ def meta_mlp(device):
     return loss, {k: v.to(device) for k, v in theta.items()}, (x.to(device), y.to(device))
 
 
-@pytest.mark.parametrize("method", [bl.Unrolled(), bl.FirstOrder(), bl.imaml(reg=1.0, cg_steps=3),
-                                    bl.Implicit(bl.CG(steps=3, tol=1e-4))],
-                         ids=["unrolled", "first_order", "imaml_cg", "implicit_cg_tol"])
+DEVICE_METHODS = {
+    "unrolled": bl.Unrolled(), "first_order": bl.FirstOrder(), "imaml_cg": bl.imaml(reg=1.0, cg_steps=3),
+    "implicit_cg_tol": bl.Implicit(bl.CG(steps=3, tol=1e-4)), "reptile": bl.Reptile(),
+    "forward": bl.Forward(max_hparams=100),  # the MLP has 80 scalar hparams
+    "neumann": bl.neumann(steps=3, alpha=0.1), "jfb": bl.jfb(), "fixed_point_iteration":
+    bl.Implicit(bl.fixed_point_iteration(steps=3)), "minres": bl.Implicit(bl.MINRES(steps=3)),
+    "truncated_cg": bl.Implicit(bl.TruncatedCG(steps=3)), "gmres": bl.Implicit(bl.GMRES(steps=3)),
+    "normal_cg": bl.Implicit(bl.NormalCG(steps=3)), "imaml_minres": bl.imaml(reg=1.0, cg_steps=3, solver="minres"),
+}
+
+
+@pytest.mark.parametrize("method", list(DEVICE_METHODS.values()), ids=list(DEVICE_METHODS))
 @pytest.mark.parametrize("batched", [False, True], ids=["one_task", "vmap"])
 def test_core_methods_run_on_the_meta_device_and_create_no_cpu_tensor(method, batched):
     """With every input on the ``meta`` device (shapes only, no data), an engine tensor made on the CPU by default
