@@ -47,7 +47,7 @@ def fixed_point_residual(f: RootFn) -> RootFn:
     return lambda z, *args: z - f(z, *args)
 
 
-# Reading every batch entry of a vmapped tensor needs two private functorch calls (present in torch 2.1 to 2.13).
+# Reading every batch entry of a vmapped tensor needs two private functorch calls (present in torch 2.13, tested).
 # They are looked up once: where they are missing, `_unwrapped` returns None and masked loops run their whole
 # budget under vmap, which gives the same result, only without the early stop.
 _functorch = getattr(torch._C, "_functorch", None)
