@@ -81,7 +81,7 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(EVAL_KEYS)]
     if bad:
         raise ValueError(f"--eval-only changes how a checkpoint is tested, not what was trained: {bad} not allowed "
-                         f"(allowed: inner.test_lr, inner.test_steps, eval.*, data.root, run.*).")
+                         f"(allowed: inner.test_lr, inner.test_steps, inner.test_reg, eval.*, data.root, run.*).")
     last = run_dir / "checkpoint.pt"
     if not last.is_file():
         raise ValueError(f"--eval-only: no checkpoint.pt in {run_dir}; give run.dir=<a training run's folder>.")
