@@ -116,7 +116,8 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
     name = f"eval-step{chosen['step']}-lr{adaptation['lr']:g}x{adaptation['steps']}{reg}.json"
     path = _unique(run_dir / name)
     _atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    lam = f", proximal lambda {adaptation['reg']:g}" if adaptation["reg"] else ""
     print(f"{run_dir.name} ({source.name}, meta-step {chosen['step']}): test accuracy "
           f"{100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks; inner lr "
-          f"{adaptation['lr']:g} x {adaptation['steps']} steps{', proximal lambda ' + format(adaptation['reg'], 'g') if adaptation['reg'] else ''}) -> {path}")
+          f"{adaptation['lr']:g} x {adaptation['steps']} steps{lam}) -> {path}")
     return results
