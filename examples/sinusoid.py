@@ -4,6 +4,7 @@ jointly trained baseline: 10-shot, a 40-40 ReLU MLP, post-adaptation MSE on 600 
     python examples/sinusoid.py --config maml                  # one of configs/sinusoid/*.yaml
     python examples/sinusoid.py --config imaml meta.steps=2000 # any key can be overridden as key=value
     python examples/sinusoid.py --config imaml --resume        # continue from the last checkpoint
+    python examples/sinusoid.py --config maml run.device=cpu   # auto (default: the GPU if any), cpu, cuda:1 ...
 
 Writes results.json, metrics.csv, curves.png and checkpoint.pt into runs/sinusoid/<config>/ (or run.dir=...).
 """

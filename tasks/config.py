@@ -8,7 +8,9 @@ before any data is loaded:
 - a missing config file (``FileNotFoundError``, naming the path);
 - a YAML syntax error (the file and line);
 - an unknown key (a typo), a wrong type (``meta.steps=many``), an override without ``=``;
-- a value outside its allowed set or range (the workload's ``validate``, through :func:`check` / :func:`choose`).
+- a value outside its allowed set or range (the workload's ``validate``, through :func:`check` / :func:`choose`);
+- a device setting of another form, or a CUDA device the machine does not have (:func:`resolve_device`, called
+  before any work: a config names a device but loads on any machine).
 
     from tasks import config
 
@@ -23,15 +25,17 @@ before any data is loaded:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "check", "choose",
-           "check_writable"]
+           "check_writable", "check_device", "resolve_device"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -200,3 +204,38 @@ def check_writable(folder: str | os.PathLike, key: str) -> Path:
         raise ConfigError(f"invalid config: {key}={str(folder)!r} is not writable ({err.strerror or err}); "
                           f"choose another folder with {key}=...") from None
     return path
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(value: str, key: str = "run.device") -> None:
+    """``value`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>`` (the form only: a config loads on any machine)."""
+    check(isinstance(value, str) and _DEVICE.fullmatch(value) is not None,
+          f"{key}={value!r}; use auto, cpu, cuda or cuda:<index>.")
+
+
+def resolve_device(value: str, key: str = "run.device") -> torch.device:
+    """The ``torch.device`` of a workload's device setting; call it before any work.
+
+    ``auto`` is this process's GPU (``LOCAL_RANK``, 0 outside a distributed launch) when CUDA is available, else the
+    CPU. ``cuda`` and ``cuda:<index>`` must name a device this machine has: checked here, because torch only finds
+    out at the first tensor placed there.
+
+    Raises:
+        ConfigError: a value of another form, or a CUDA device this torch build or machine does not have (named).
+    """
+    check_device(value, key)
+    if value == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(value)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check(count > 0, f"{key}={value} but this torch build or machine has no CUDA device; use {key}=cpu or auto.")
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        check(device.index is None or device.index < count,
+              f"{key}={value} but this machine has {count} CUDA device{'s' if count > 1 else ''} ({have}); use "
+              f"{'it' if count == 1 else 'one of those'}, {key}=cpu or auto.")
+    return device

@@ -1,15 +1,21 @@
-"""Sinusoid workload: the task distribution, that training learns, exact resume, every method runs, config errors."""
+"""Sinusoid workload: the task distribution, that training learns, exact resume, every method runs, config errors,
+and every tensor of a run on ``run.device``."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
 
+from tasks.config import ConfigError, resolve_device
 from tasks.sinusoid import train
 from tasks.sinusoid.config import load_config
 from tasks.sinusoid.sampler import SinusoidSampler
@@ -226,3 +232,122 @@ def test_a_finished_run_is_kept_and_init_from_unpickles_no_code(tmp_path):
     with pytest.raises(ValueError, match="evil.pt"):
         train.main(config(tmp_path / "b", "maml", "meta.steps=1", f"run.init_from={tmp_path / 'evil.pt'}"))
     assert not (tmp_path / "pwned").exists()
+
+
+aten = torch.ops.aten
+
+
+class OnMeta(TorchDispatchMode):
+    """Runs a workload on the ``meta`` device (shapes only, no values) and records every tensor made elsewhere.
+
+    A host read of a meta tensor (``.item()``, ``bool()``, ``.cpu()``) has no value to read, so it answers a fixed
+    one: ``False`` for a flag (finite, not converged), a large count (a step budget spent) and 0.5 for any other
+    number; every early-exit loop then ends and a whole run goes through. A tensor made off the meta device is
+    recorded in ``made`` as ``(op, workload functions on the stack)``; one computed from CPU tensors is not (its
+    root was recorded), nor a 0-dim CPU tensor (a Python number under vmap).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.made = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.device.type == "meta":
+            if func is aten._local_scalar_dense.default:
+                return False if x.dtype == torch.bool else 0.5 if x.is_floating_point() else 10 ** 6
+            if func is aten._to_copy.default and torch.device(kwargs.get("device", "meta")).type == "cpu":
+                return torch.full(x.shape, 0.5, dtype=kwargs.get("dtype") or x.dtype)
+        out = func(*args, **kwargs)
+        inputs = pytree.tree_leaves((args, kwargs))
+        if not any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() for t in inputs):
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta" and (t.dim() or t.device.type != "cpu"):
+                    self.made.add((str(func), _workload_stack()))
+        return out
+
+
+def _workload_stack() -> tuple[str, ...]:
+    """Names of the functions of ``tasks/`` on the current stack, innermost first."""
+    frame, names = sys._getframe(), []
+    while frame is not None:
+        if f"{os.sep}tasks{os.sep}" in frame.f_code.co_filename:
+            names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return tuple(names)
+
+
+def made_on_purpose(made, where) -> set:
+    """What ``OnMeta`` saw made off the device, minus what functions ``where`` make on the CPU on purpose."""
+    return {(op, stack) for op, stack in made if not set(stack) & set(where)}
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile", "imaml_reg10", "neumann", "pretrain"])
+def test_every_tensor_of_a_run_follows_run_device(tmp_path, monkeypatch, name):
+    """A whole run (meta-steps, validation, checkpoints, a resume, test) with ``run.device`` resolved to ``meta``: a
+    tensor the workload makes without ``device=`` would show up on the CPU. Only the seeded draws are made on the
+    CPU, on purpose (the same tasks and θ on every device): the sampler's and the model initialisation's."""
+    asked = []
+    monkeypatch.setattr(train, "resolve_device", lambda value: asked.append(value) or torch.device("meta"))
+    common = ["meta.steps=2", "meta.batch=2", "eval.every=2", "eval.val_tasks=2", "eval.test_tasks=2",
+              "run.checkpoint_every=1", "run.device=cuda:1", "eval.steps=[0,2]", "method.cg_steps=2",
+              "method.neumann_steps=2"] + (["inner.steps=2"] if name != "pretrain" else [])
+    common += ["inner.solver=gd"] if name == "neumann" else []  # imaml_reg10 covers the curvature-scaled solver
+    with OnMeta() as seen:
+        train.main(config(tmp_path, name, *common))
+        results = train.main(config(tmp_path, name, *common, "run.resume=true"))  # loads the checkpoint
+    assert made_on_purpose(seen.made, {"sample", "__init__"}) == set()
+    assert {op for op, _ in seen.made} <= {"aten.rand.generator", "aten.empty.memory_format"}  # draws and nn.Linear
+    assert results["machine"]["device"] == "meta" and set(asked) == {"cuda:1"}
+    work = train.build(config(tmp_path, name, *common))
+    assert all(t.device.type == "meta" for t in work.samplers["train"].sample(0, 2))
+    assert all(t.device.type == "meta" for t in work.model.init_params().values())
+
+
+def test_the_tasks_and_theta_are_the_same_on_every_device(tmp_path):
+    """Drawn on the CPU and then moved: a device changes where the tasks and θ live, never their values."""
+    a = SinusoidSampler(seed=4).sample(3, 5)
+    b = SinusoidSampler(seed=4, device="meta").sample(3, 5)
+    assert all(x.device.type == "meta" and x.shape == y.shape and x.dtype == y.dtype for x, y in zip(b, a))
+    cpu = train.build(config(tmp_path, "maml", "run.device=cpu")).model.init_params()
+    again = train.build(config(tmp_path, "maml", "run.device=auto")).model.init_params()  # the CPU here
+    assert all(torch.equal(cpu[k], again[k]) for k in cpu)
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:x", "cuda:-1", "cpu:0", "CUDA", "mps"])
+def test_a_bad_run_device_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=rf"^invalid config: run.device='{value}'; use auto, cpu, cuda or "
+                                          rf"cuda:<index>\.$"):
+        load_config("maml", [f"run.device={value}"])
+
+
+def test_an_unavailable_cuda_device_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "build", lambda cfg: pytest.fail("work started before the device check"))
+    with pytest.raises(SystemExit, match=r"^error: invalid config: run.device=cuda but this torch build or machine "
+                                         r"has no CUDA device; use run.device=cpu or auto\.$"):
+        train.cli(["--config", "maml", f"run.dir={tmp_path / 'run'}", "run.device=cuda"])
+    assert not (tmp_path / "run").exists()  # not even the run folder was claimed
+
+
+def test_resolve_device_picks_and_checks_the_gpu(monkeypatch):
+    """``auto``: this process's GPU when CUDA is available, else the CPU; a CUDA device must exist (closed cases,
+    with torch.cuda's answers replaced)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"run.device=cuda:0 but this torch build or machine has no CUDA device"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^invalid config: device=cuda:2 but this machine has 2 CUDA devices "
+                                          r"\(cuda:0 to cuda:1\); use one of those, device=cpu or auto\.$"):
+        resolve_device("cuda:2", "device")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"has 1 CUDA device \(cuda:0\); use it, run.device=cpu or auto\.$"):
+        resolve_device("cuda:1")

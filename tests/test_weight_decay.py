@@ -1,5 +1,5 @@
 """Weight-decay tuning: hypergradients against the closed-form ridge answer, scikit-learn mappings, a short tuning
-run, the experiment script, and the errors for bad inputs."""
+run, the experiment script, every tensor of a run on ``device``, and the errors for bad inputs."""
 
 import json
 import math
@@ -18,6 +18,7 @@ from tasks.weight_decay.experiment import run
 from tasks.weight_decay.problems import curvature, init_hparams, make_task, ridge_hypergrad, ridge_solution
 from tasks.weight_decay.tuning import (fit_step_size, grid_values, hypergradient_descent, make_method, make_solver,
                                        search, sklearn_reference, solve_inner)
+from test_sinusoid import OnMeta, made_on_purpose
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BILEVEL_DATA", ROOT / ".." / "shared" / "data"))
@@ -177,6 +178,8 @@ def test_config_overrides_and_errors():
     ("model.kind=mlp", r"set inner.lr for model.kind=mlp"),
     ("wandb.mode=cloud", r"wandb.mode='cloud'; use one of offline, online, disabled"),
     ("outer.steps", r"overrides must be key=value"),
+    ("device=gpu", r"device='gpu'; use auto, cpu, cuda or cuda:<index>\.$"),
+    ("device=cuda:x", r"device='cuda:x'; use auto, cpu, cuda or cuda:<index>\.$"),
 ])
 def test_config_errors_are_one_line_before_any_work(override, message, monkeypatch):
     import tasks.weight_decay.experiment as experiment
@@ -215,7 +218,7 @@ def test_unwritable_out_dir_fails_before_the_search(tmp_path, monkeypatch):
 
 def test_finished_run_is_kept_unless_overwrite(tmp_path, monkeypatch):
     import tasks.weight_decay.experiment as experiment
-    monkeypatch.setattr(experiment, "_run", lambda cfg, write: {"ran": True})
+    monkeypatch.setattr(experiment, "_run", lambda cfg, write, device: {"ran": True})
 
     def claim(folder, *overrides):
         return run(load_config([], [f"out_dir={folder}", "wandb.mode=disabled", *overrides]))
@@ -244,7 +247,7 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, monkey
     import sys
 
     import tasks.weight_decay.experiment as experiment
-    monkeypatch.setattr(experiment, "_run", lambda cfg, write: {"ran": True})
+    monkeypatch.setattr(experiment, "_run", lambda cfg, write, device: {"ran": True})
     cfg = load_config([], [f"out_dir={tmp_path}", "wandb.mode=disabled"])
     # A live run (this test's parent process) holds the folder: refused, naming it.
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}
@@ -422,3 +425,39 @@ def test_mnist_task_splits():
     assert task.hparam_shapes() == {"log_wd.W1": (784, 8), "log_wd.W2": (8, 10)}
     hparams = init_hparams(task, 1e-3)
     assert float(task.penalty(task.params0, hparams)) > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*inner solves:RuntimeWarning")  # meta has no values: nothing converges
+@pytest.mark.parametrize("overrides", [
+    ["data.name=diabetes", "model.decay=feature", "outer.method=implicit"],   # and the scikit-learn reference
+    ["data.name=iris", "outer.method=forward", "search.sklearn=false"],
+    ["data.name=iris", "model.kind=mlp", "model.decay=parameter", "model.hidden=4", "inner.lr=0.1",
+     "outer.method=unrolled", "search.sklearn=false"],
+], ids=["ridge", "logreg", "mlp"])
+def test_every_tensor_of_a_tuning_run_follows_device(overrides, monkeypatch):
+    """A whole run (grid and random search, hypergradient descent, the final solves, scikit-learn) with ``device``
+    resolved to ``meta``: a tensor made without ``device=`` would show up on the CPU. Only the data is made on the
+    CPU, on purpose: it is read, split and scaled there, and moved once."""
+    import tasks.weight_decay.experiment as experiment
+    asked = []
+    monkeypatch.setattr(experiment, "resolve_device", lambda *a: asked.append(a) or torch.device("meta"))
+    cfg = load_config([], ["wandb.mode=disabled", "progress=false", "search.grid_points=2", "search.random_points=1",
+                           "outer.steps=2", "inner.steps=30", "device=cuda:1", *overrides])
+    with OnMeta() as seen:
+        results = run(cfg, write=False)
+    assert made_on_purpose(seen.made, {"make_task"}) == set()
+    assert results["device"] == "meta" and asked == [("cuda:1", "device")]
+    task = make_task("iris", "mlp", "parameter", hidden=4, device="meta")
+    assert all(t.device.type == "meta" for t in (*task.train, *task.val, *task.test, *task.params0.values()))
+    assert all(t.device.type == "meta" for t in init_hparams(task, 0.1).values())
+
+
+def test_an_unavailable_cuda_device_is_one_line_before_any_work(tmp_path, monkeypatch):
+    from tasks.weight_decay.experiment import cli
+    import tasks.weight_decay.experiment as experiment
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(experiment, "make_task", lambda *a, **k: pytest.fail("data loaded before the device check"))
+    with pytest.raises(SystemExit, match=r"^error: invalid config: device=cuda but this torch build or machine has no "
+                                         r"CUDA device; use device=cpu or auto\.$"):
+        cli(["data.name=iris", f"out_dir={tmp_path / 'out'}", "wandb.mode=disabled", "device=cuda"])
+    assert not (tmp_path / "out").exists()  # not even the output folder was claimed

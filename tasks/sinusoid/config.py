@@ -89,6 +89,7 @@ class RunConfig:
     checkpoint_every: int = 1000           # meta-steps between atomic checkpoints (0: only at the end)
     log_every: int = 100                   # meta-steps per row of metrics.csv (means over the window)
     threads: Optional[int] = 1             # torch.set_num_threads; None: leave torch's default
+    device: str = "auto"                   # auto (the GPU if any, else CPU) | cpu | cuda | cuda:1 ...
     progress: bool = True                  # tqdm progress bar
     resume: bool = False                   # continue from <dir>/checkpoint.pt (also --resume)
     overwrite: bool = False                # delete the run already in <dir> and start afresh (also --overwrite)
@@ -167,3 +168,4 @@ def validate(cfg: DictConfig) -> None:
     r = cfg.run
     _check(r.checkpoint_every >= 0 and r.log_every >= 1, "run.checkpoint_every must be >= 0 and run.log_every >= 1.")
     _check(r.threads is None or r.threads >= 1, f"run.threads={r.threads}; use None or >= 1.")
+    base.check_device(r.device, "run.device")

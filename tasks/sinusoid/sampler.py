@@ -52,19 +52,20 @@ class SinusoidSampler:
         queries: Q, query points per task (the reference uses Q = K).
         amplitude, phase, x_range: ``(low, high)`` of the uniform distributions of A, φ and x.
         seed: seed of the task stream (independent of the global RNG).
+        device: where the tasks are put; they are drawn on the CPU, so every device sees the same tasks.
 
     Raises:
         ValueError: a count below 1 or a range with ``low > high`` (named).
     """
 
     def __init__(self, *, shots: int = 10, queries: int = 10, amplitude=(0.1, 5.0), phase=(0.0, math.pi),
-                 x_range=(-5.0, 5.0), seed: int = 0, dtype: torch.dtype = torch.float32):
+                 x_range=(-5.0, 5.0), seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
         if shots < 1 or queries < 1:
             raise ValueError(f"SinusoidSampler: shots and queries must be >= 1, got {shots} and {queries}.")
         for name, (low, high) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not low <= high:
                 raise ValueError(f"SinusoidSampler: {name}=({low}, {high}) needs low <= high.")
-        self.shots, self.queries, self.seed, self.dtype = shots, queries, seed, dtype
+        self.shots, self.queries, self.seed, self.dtype, self.device = shots, queries, seed, dtype, torch.device(device)
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
 
     def _generator(self, step: int, index: int) -> torch.Generator:
@@ -80,6 +81,6 @@ class SinusoidSampler:
         amplitude, phase = a_lo + (a_hi - a_lo) * u[:, 0], p_lo + (p_hi - p_lo) * u[:, 1]
         x = x_lo + (x_hi - x_lo) * u[:, 2:, None]
         y = amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
-        x, y = x.to(self.dtype), y.to(self.dtype)
+        x, y, amplitude, phase = (t.to(self.device, self.dtype) for t in (x, y, amplitude, phase))
         k = self.shots
-        return Tasks(x[:, :k], y[:, :k], x[:, k:], y[:, k:], amplitude.to(self.dtype), phase.to(self.dtype))
+        return Tasks(x[:, :k], y[:, :k], x[:, k:], y[:, k:], amplitude, phase)

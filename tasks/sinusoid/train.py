@@ -6,6 +6,7 @@ Usage::
     python examples/sinusoid.py --config maml                  # MAML, 10-shot, the reference's settings
     python examples/sinusoid.py --config imaml meta.steps=2000 # any key can be overridden as key=value
     python examples/sinusoid.py --config imaml --resume        # continue from <run.dir>/checkpoint.pt
+    python examples/sinusoid.py --config maml run.device=cpu   # auto (default: the GPU if any), cpu, cuda:1 ...
 
 Writes ``checkpoint.pt`` (atomically, every ``run.checkpoint_every`` meta-steps), then ``results.json`` (the
 post-adaptation MSE after each of ``eval.steps`` test-time gradient steps, with a 95% confidence interval over
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 import bilevel as bl
 
-from tasks.config import parse_cli
+from tasks.config import ConfigError, parse_cli, resolve_device
 from tasks.run_folder import RunFolder, RunFolderError, load_checkpoint
 
 from .config import load_config
@@ -63,6 +64,7 @@ class Workload:
     problem: bl.Problem
     method: object
     samplers: dict[str, SinusoidSampler]
+    device: torch.device = torch.device("cpu")
 
 
 def make_method(cfg: DictConfig, model: SineMLP):
@@ -99,18 +101,21 @@ def make_method(cfg: DictConfig, model: SineMLP):
 
 
 def build(cfg: DictConfig) -> Workload:
-    """The samplers, model and method; every input error is raised here, before any training."""
+    """The samplers, model and method on ``run.device``; every input error is raised here, before any training."""
     t = cfg.task
-    ranges = {"amplitude": tuple(t.amplitude), "phase": tuple(t.phase), "x_range": tuple(t.x_range)}
+    device = resolve_device(cfg.run.device)
+    ranges = {"amplitude": tuple(t.amplitude), "phase": tuple(t.phase), "x_range": tuple(t.x_range),
+              "device": device}
     samplers = {
         "train": SinusoidSampler(shots=t.shots, queries=t.queries, seed=cfg.run.seed, **ranges),
         "val": SinusoidSampler(shots=t.shots, queries=cfg.eval.queries, seed=cfg.run.seed + VAL_SEED, **ranges),
         "test": SinusoidSampler(shots=t.shots, queries=cfg.eval.queries, seed=cfg.run.seed + TEST_SEED, **ranges),
     }
     torch.manual_seed(cfg.run.seed)
-    model = SineMLP(tuple(cfg.model.hidden), cfg.model.init)
+    # initialised on the CPU, then moved: the same θ on every device
+    model = SineMLP(tuple(cfg.model.hidden), cfg.model.init).to(device)
     problem, method = make_method(cfg, model)
-    return Workload(cfg, model, mse_loss(model), problem, method, samplers)
+    return Workload(cfg, model, mse_loss(model), problem, method, samplers, device)
 
 
 def adaptation_curves(work: Workload, hparams, tasks: Tasks, steps: int) -> torch.Tensor:
@@ -335,9 +340,11 @@ RUN_FILES = ("checkpoint.pt", "results.json", "metrics.csv", "curves.png")   # w
 def main(cfg: DictConfig) -> dict:
     """Train (or resume), validate, test; returns the results dict written to ``results.json``.
 
-    The run folder is claimed first (:class:`~tasks.run_folder.RunFolder`): a folder holding a run is
-    refused unless ``run.resume`` or ``run.overwrite``, and ``run.lock`` keeps a second run out until this one ends.
+    An unavailable ``run.device`` is an error before any work. The run folder is claimed first
+    (:class:`~tasks.run_folder.RunFolder`): a folder holding a run is refused unless ``run.resume`` or
+    ``run.overwrite``, and ``run.lock`` keeps a second run out until this one ends.
     """
+    resolve_device(cfg.run.device)
     folder = RunFolder(Path(cfg.run.dir or Path("runs") / "sinusoid" / cfg.run.name), resume=cfg.run.resume,
                        overwrite=cfg.run.overwrite, files=RUN_FILES)
     try:
@@ -357,7 +364,7 @@ def _main(cfg: DictConfig) -> dict:
     history = {"step": [], **{k: [] for k in METRICS}, "val_step": [], "val": []}
     start, elapsed, cpu = 0, 0.0, 0.0
     if cfg.run.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)   # tensors and plain containers only: no code from a file
+        state = load_checkpoint(ckpt_path, work.device)   # tensors and plain containers only: no code
         saved = OmegaConf.create(state["config"])
         for key in ("task", "model", "method", "inner", "meta"):
             ours, theirs = OmegaConf.to_container(cfg[key]), OmegaConf.to_container(saved[key])
@@ -383,7 +390,7 @@ def _main(cfg: DictConfig) -> dict:
             if not Path(cfg.run.init_from).is_file():
                 raise FileNotFoundError(f"run.init_from={cfg.run.init_from}: no such checkpoint; train that run "
                                         "first (configs/sinusoid/imaml.yaml names its first stage) or fix the path.")
-            saved = load_checkpoint(cfg.run.init_from)["hparams"]
+            saved = load_checkpoint(cfg.run.init_from, work.device)["hparams"]
             if saved.keys() != hparams.keys() or any(saved[k].shape != hparams[k].shape for k in saved):
                 raise ValueError(f"run.init_from={cfg.run.init_from}: its weights do not fit model.hidden="
                                  f"{list(cfg.model.hidden)}.")
@@ -449,7 +456,8 @@ def _main(cfg: DictConfig) -> dict:
         "implicit_diagnostics": ({key: _summary(history, key) for key in METRICS[1:-1]} if implicit else None),
         "final_val": ({"step": history["val_step"][-1], **history["val"][-1]} if history["val_step"] else None),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": _device_name(work.device)},
         "engine": _engine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "invocations": history["invocations"],
@@ -486,6 +494,10 @@ def _engine() -> dict:
     return info
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -510,5 +522,5 @@ def cli(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {err}") from None
     try:
         return main(cfg)
-    except RunFolderError as err:   # a folder holding a run, in use, or not writable: one line
+    except (RunFolderError, ConfigError) as err:   # a refused run folder, an unavailable device: one line
         raise SystemExit(f"error: {' '.join(str(err).split())}") from None

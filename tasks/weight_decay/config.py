@@ -100,6 +100,7 @@ class Config:
     overwrite: bool = False  # replace a finished run in out_dir (also --overwrite); otherwise such a folder is refused
     progress: bool = True  # tqdm progress bars
     threads: int = 1  # torch intra-op threads: these problems are small, and extra threads only contend
+    device: str = "auto"  # auto (the GPU if any, else CPU) | cpu | cuda | cuda:1 ...
 
 
 def load_config(files=(), overrides=()) -> DictConfig:
@@ -160,6 +161,7 @@ def validate(cfg: DictConfig) -> None:
           f"outer.method=forward costs one forward pass per hyperparameter; use it with model.decay=scalar (got "
           f"{cfg.model.decay}), or pick implicit, neumann or unrolled for many hyperparameters.")
     check(cfg.out_dir is None or bool(cfg.out_dir), "out_dir is empty; set out_dir=<folder> (or null).")
+    base.check_device(cfg.device, "device")
     try:
         check_data_name(d.name)
     except ValueError as err:

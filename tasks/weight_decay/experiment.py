@@ -3,6 +3,7 @@
     python examples/tune_weight_decay.py data.name=iris
     python examples/tune_weight_decay.py data.name=path/to/table.csv data.target=label --overwrite
     python examples/tune_weight_decay.py configs/weight_decay/digits_scalar.yaml outer.method=neumann
+    python examples/tune_weight_decay.py data.name=iris device=cpu   # auto (default: the GPU if any), cuda:1 ...
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tasks.config import resolve_device
 from tasks.run_folder import RunFolder
 
 from .config import validate
@@ -47,33 +49,36 @@ def run(cfg, write: bool = True) -> dict:
     """Run grid search, random search and hypergradient descent as ``cfg`` says; return (and write) the results.
 
     Writes ``<out_dir>/results.json``, ``history.png`` and ``landscape.png`` when ``write``. Before any work the
-    config is validated and, when ``write``, ``out_dir`` is claimed as a :class:`tasks.run_folder.RunFolder`: it must
-    be writable, a folder holding a run (any of :data:`RUN_FILES`) is refused unless ``overwrite``, which deletes that
-    run's files first, and ``run.lock`` keeps a second run out until this one ends.
+    config is validated, ``device`` must name a device this machine has, and, when ``write``, ``out_dir`` is claimed
+    as a :class:`tasks.run_folder.RunFolder`: it must be writable, a folder holding a run (any of :data:`RUN_FILES`)
+    is refused unless ``overwrite``, which deletes that run's files first, and ``run.lock`` keeps a second run out
+    until this one ends. Every tensor of the run is put on ``device``; the data is read on the CPU and moved once.
 
     Raises:
+        tasks.config.ConfigError: an invalid config, or a CUDA ``device`` this machine does not have.
         tasks.run_folder.RunFolderError: ``out_dir`` is not writable, in use, or holds a run and ``overwrite`` is off.
     """
     validate(cfg)
+    device = resolve_device(cfg.device, "device")
     folder = (RunFolder(cfg.out_dir, files=RUN_FILES, overwrite=cfg.overwrite, checkpoint=None, key="out_dir")
               if write else None)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads)
-        return _run(cfg, write)
+        return _run(cfg, write, device)
     finally:
         torch.set_num_threads(threads)
         if folder is not None:
             folder.release()
 
 
-def _run(cfg, write: bool) -> dict:
+def _run(cfg, write: bool, device: torch.device) -> dict:
     import wandb
 
     cpu_start = time.process_time()
     task = make_task(cfg.data.name, cfg.model.kind, cfg.model.decay, cfg.data.n_train, cfg.data.n_val,
                      cfg.data.n_test, cfg.data.noise_features, cfg.model.hidden, cfg.data.seed, cfg.data.root,
-                     target=cfg.data.target, task=cfg.data.task, scaling=cfg.data.scaling)
+                     target=cfg.data.target, task=cfg.data.task, scaling=cfg.data.scaling, device=device)
     solver = make_solver(cfg.inner.solver, cfg.inner.lr, cfg.inner.steps, cfg.inner.tol, cfg.inner.momentum)
     n_hparams = sum(math.prod(s) for s in task.hparam_shapes().values())
     out = Path(cfg.out_dir)
@@ -112,6 +117,7 @@ def _run(cfg, write: bool) -> dict:
         "splits": {"train": len(task.train[1]), "val": len(task.val[1]), "test": len(task.test[1])},
         "config": OmegaConf.to_container(cfg),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "hypergrad": {"final": tuned.final, "cost": tuned.cost.as_dict(), "history": tuned.history,
@@ -124,7 +130,8 @@ def _run(cfg, write: bool) -> dict:
     }
     if cfg.search.sklearn:
         results["sklearn"] = {
-            "at_grid_best": sklearn_reference(task, {"log_wd": torch.tensor(math.log(grid_best["wd"]))}),
+            "at_grid_best": sklearn_reference(task, {"log_wd": torch.tensor(math.log(grid_best["wd"]),
+                                                                            device=device)}),
             "at_hypergrad": sklearn_reference(task, tuned.hparams),
         }
     if n_hparams > 1:

@@ -135,8 +135,9 @@ def init_hparams(task: WeightDecayTask, weight_decay: float) -> dict[str, torch.
             f"initial weight decay {weight_decay!r} must be a positive finite number (it is tuned in log space, "
             f"log λ); e.g. outer.init_wd=1e-3."
         )
-    dtype = task.train[0].dtype
-    return {k: torch.full(s, math.log(weight_decay), dtype=dtype) for k, s in task.hparam_shapes().items()}
+    X = task.train[0]
+    return {k: torch.full(s, math.log(weight_decay), dtype=X.dtype, device=X.device)
+            for k, s in task.hparam_shapes().items()}
 
 
 def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
@@ -233,6 +234,7 @@ def make_task(
     target: str | None = None,
     task: str = "auto",
     scaling: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> WeightDecayTask:
     """Build a task with fixed, seeded splits.
 
@@ -255,6 +257,8 @@ def make_task(
         scaling: ``"standard"``, ``"max"``, ``"none"`` or ``"auto"`` (``max`` for non-negative integer inputs such
             as pixels, else ``standard``).
         root: data folder for MNIST / Fashion-MNIST (default: the ``BILEVEL_DATA`` environment variable).
+        device: where the splits and ``params0`` are put. The data is read, split and scaled on the CPU, and the MLP
+            drawn there, so every device gets the same task.
     """
     for key, value, allowed in (("model", model, MODELS), ("decay", decay, DECAYS), ("task", task, TASKS),
                                 ("scaling", scaling, SCALINGS)):
@@ -317,7 +321,7 @@ def make_task(
         g = torch.Generator().manual_seed(10_000 + seed)
         parts = [(torch.cat([x, torch.randn(x.shape[0], noise_features, generator=g, dtype=x.dtype)], 1), t)
                  for x, t in parts]
-    parts = [(x.to(dtype), t.to(dtype) if t.is_floating_point() else t) for x, t in parts]
+    parts = [(x.to(device, dtype), t.to(device, dtype) if t.is_floating_point() else t.to(device)) for x, t in parts]
 
     D = parts[0][0].shape[1]
     C = len(classes)
@@ -334,6 +338,7 @@ def make_task(
             "b2": torch.zeros(C, dtype=dtype),
         }
         decayed = ("W1", "W2")
+    params0 = {k: v.to(device) for k, v in params0.items()}
     data_name = name + (f"+{noise_features}noise" if noise_features else "")
     return WeightDecayTask(f"{model}/{data_name}/{decay}", model, decay, *parts, params0, decayed, task, classes)
 

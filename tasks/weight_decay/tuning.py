@@ -318,13 +318,13 @@ def sklearn_reference(task: WeightDecayTask, hparams) -> Optional[dict]:
 
     if task.model == "mlp" or (task.decay == "parameter" and task.model == "logreg"):
         return None
-    lam = torch.exp(hparams["log_wd"]).reshape(-1).double().numpy()
-    X, y = (t.double().numpy() for t in task.train)
+    lam = torch.exp(hparams["log_wd"]).reshape(-1).double().cpu().numpy()
+    X, y = (t.double().cpu().numpy() for t in task.train)
     n = X.shape[0]
     scale = 1.0 / np.sqrt(lam) if lam.size > 1 else np.ones(X.shape[1])
     lam0 = float(lam[0]) if lam.size == 1 else 1.0
-    Xv, yv = (t.double().numpy() for t in task.val)
-    Xt, yt = (t.double().numpy() for t in task.test)
+    Xv, yv = (t.double().cpu().numpy() for t in task.val)
+    Xt, yt = (t.double().cpu().numpy() for t in task.test)
     if task.model == "ridge":
         model = Ridge(alpha=n * lam0, fit_intercept=False, solver="cholesky").fit(X * scale, y)
         losses = [0.5 * np.mean((model.predict(A * scale) - b) ** 2) for A, b in ((Xv, yv), (Xt, yt))]
