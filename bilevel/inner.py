@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.func import grad
 from .tree import pytree
 
 from . import tree
+from ._host import _under_vmap
 from .types import HParams, LossFn, Params, SolveInfo, default_tol
 
 Rate = Union[float, str]
@@ -126,11 +126,6 @@ class InnerSolver:
         done = done & ~bad
         return params, state, SolveInfo(count, residual, done, bad, info.indefinite, info.diverged, info.curvature,
                                         scale)
-
-
-def _under_vmap() -> bool:
-    # under vmap a Python `if` on a tensor is an error, so only the masked update can stop an iterate there
-    return any(i.key() == TransformType.Vmap for i in (get_interpreter_stack() or ()))
 
 
 def _rate(rate: Rate, hparams: HParams):

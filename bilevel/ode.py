@@ -33,8 +33,9 @@ Deviations from torchdiffeq 0.2.5 (the reference, ``_impl/rk_common.py``, ``misc
   the step-size controller (safety 0.9, growth ≤ 10, shrink ≥ 0.2 after a rejection, no shrink after an
   acceptance, Hairer's initial step) is torchdiffeq's, but runs outside autograd (``adjoint=False`` does not
   differentiate the step sizes, as diffrax's ``RecursiveCheckpointAdjoint`` does not).
-- every loop is a masked loop with a fixed budget (``max_steps``), so the solve runs under ``vmap`` with one
-  step-size sequence per batch entry; the loop stops as soon as every entry has reached the end time.
+- every loop is a masked loop with a fixed budget (``max_steps`` steps per batch entry), so the solve runs under
+  ``vmap`` with one step-size sequence per entry, each the one a solve of that entry alone takes; the loop stops
+  once every entry has reached the output time (read on the host every ``check_every`` iterations).
 - ``rk4`` is the classic 1/6-1/3-1/3-1/6 rule (torchdiffeq's ``rk4`` is the 3/8 rule).
 - the adjoint error norm is the maximum of the RMS norms of ``h``, ``a`` and the parameter integrals, as
   torchdiffeq's default ``_mixed_norm``. The derivative in ``t`` is computed from its closed form
@@ -57,7 +58,8 @@ from torch import Tensor
 from .tree import tree_flatten, tree_unflatten
 
 from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
-from .root_find import Record, _all_true, _under_vmap
+from ._host import _all_true, _cadence, _check_every_ok, _check_now, _under_vmap, _unwrapped
+from .root_find import Record
 
 METHODS = ("euler", "rk4", "dopri5")
 FIXED = ("euler", "rk4")
@@ -166,11 +168,12 @@ def _initial_step(fn, t0, y0, f0, direction, rtol, atol, order=5):
 
 
 def _integrate(fn: Callable, y0: tuple, t: Tensor, method: str, rtol: float, atol: float,
-               step_size: Optional[float], max_steps: int, reset: Optional[list] = None,
+               step_size: Optional[float], max_steps: int, check_every: int, reset: Optional[list] = None,
                jump: Optional[Callable] = None) -> tuple[list, ODEInfo]:
     """Integrate ``dy/dt = fn(t, y)`` (``y`` a tuple of tensors) through the times ``t``; return the states at
     every ``t[i]`` and the stats. ``reset(i, y)`` / ``jump(i, y)`` let the adjoint replace or add to the state at
-    each output time before the next interval starts."""
+    each output time before the next interval starts. The adaptive loop reads whether every entry is done on the
+    host every ``check_every`` iterations (0: never)."""
     zero = torch.zeros((), dtype=torch.long, device=t.device)
     nfe, accepted, rejected = zero, zero, zero
     ok = torch.ones((), dtype=torch.bool, device=t.device)
@@ -182,11 +185,10 @@ def _integrate(fn: Callable, y0: tuple, t: Tensor, method: str, rtol: float, ato
         direction = torch.sign(t[-1] - t[0]) if len(t) > 1 else torch.ones_like(t[0])
         dt = _initial_step(fn, t[0], y, k1, direction, rtol, atol).detach()
         nfe = nfe + 2
-    iterations = 0
     for i in range(1, len(t)):
         ta, tb = t[i - 1], t[i]
         if method in FIXED:
-            n = max(1, math.ceil(float(_concrete(tb - ta).abs().max()) / step_size)) if step_size else 1
+            n = max(1, math.ceil(_largest(tb - ta) / step_size)) if step_size else 1
             h = (tb - ta) / n
             for j in range(n):
                 y = _fixed_step(method, fn, ta + j * h, y, h)
@@ -197,12 +199,12 @@ def _integrate(fn: Callable, y0: tuple, t: Tensor, method: str, rtol: float, ato
         else:
             direction = torch.sign(tb - ta)
             tc = ta
-            done = (tc == tb) | ~ok
-            while not _all_true(done):
-                if iterations >= max_steps:
-                    ok = ok & done
+            # max_steps bounds each entry's own accepted + rejected steps: under vmap an entry's steps do not
+            # depend on the others', and the masked iterations between two host reads use none of it
+            done = (tc == tb) | ~ok | (accepted + rejected >= max_steps)
+            for k in range(max_steps):  # an entry not done takes a step per iteration: all are done by the end
+                if _check_now(k, check_every) and _all_true(done):
                     break
-                iterations += 1
                 remaining = (tb - tc).abs()
                 hmag = torch.minimum(dt, remaining)
                 last = hmag >= remaining
@@ -229,7 +231,8 @@ def _integrate(fn: Callable, y0: tuple, t: Tensor, method: str, rtol: float, ato
                 underflow = reject & (dt <= 16 * eps * torch.maximum(tc.abs(), tb.abs()).clamp(min=1.0))
                 nonfinite = nonfinite | (underflow & ~finite)
                 ok = ok & ~underflow
-                done = done | (tc == tb) | underflow
+                done = done | (tc == tb) | underflow | (accepted + rejected >= max_steps)
+            ok = ok & (tc == tb)  # the budget ran out before t[i]
         outs.append(y)
         if reset is not None or jump is not None:
             y = reset(i, y) if reset is not None else y
@@ -242,11 +245,26 @@ def _integrate(fn: Callable, y0: tuple, t: Tensor, method: str, rtol: float, ato
     return outs, ODEInfo(nfe, accepted, rejected, ok & ~nonfinite, nonfinite, *tols)
 
 
-def _concrete(x: Tensor) -> Tensor:
-    """The plain tensor under any functorch wrappers (all batch entries of a vmapped tensor)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(x):
-        x = torch._C._functorch.get_unwrapped(x)
-    return x
+def _largest(x: Tensor) -> float:
+    """``max |x|`` on the host, over every batch entry under ``vmap`` (one step count for the whole batch)."""
+    plain = _unwrapped(x)
+    if plain is None and _under_vmap():
+        try:
+            return float(x.abs().max())
+        except RuntimeError as err:  # x is batched, and this torch cannot read its entries
+            raise ValueError("odeint(step_size=...): under vmap over t this torch cannot read every entry's "
+                             "interval length to count the steps; vmap over h0 or args with t shared, or use "
+                             "method='dopri5'.") from err
+    return float((x if plain is None else plain).abs().max())
+
+
+def _recorded(info: ODEInfo) -> Optional[ODEInfo]:
+    """``info`` for a ``Record``, with every batch entry under ``vmap``; ``None`` under a ``torch.func`` transform
+    if this torch cannot read the entries (a wrapped tensor would be dead once the transform returns)."""
+    plain = [_unwrapped(x) for x in info]
+    if plain[0] is None:
+        return None if _under_vmap() else ODEInfo(*(x.detach() for x in info))
+    return ODEInfo(*(x.detach() for x in plain))
 
 
 @dataclass(frozen=True)
@@ -259,6 +277,7 @@ class _Spec:
     atol: float
     step_size: Optional[float]
     max_steps: int
+    check_every: int
     adjoint_rtol: float
     adjoint_atol: float
     on_nonconvergence: str
@@ -293,7 +312,7 @@ class _OdeAdjoint(torch.autograd.Function):
     def forward(spec: _Spec, h0: Tensor, t: Tensor, *tensors: Tensor):
         args = spec.args(tensors)
         outs, info = _integrate(lambda s, y: (spec.f(s, y[0], *args),), (h0,), t, spec.method, spec.rtol,
-                                spec.atol, spec.step_size, spec.max_steps)
+                                spec.atol, spec.step_size, spec.max_steps, spec.check_every)
         return (torch.stack([y[0] for y in outs]), *info)
 
     @staticmethod
@@ -329,7 +348,7 @@ class _OdeAdjoint(torch.autograd.Function):
                                   (state[1], *(tensor_dots[i] for i in moving)))
 
         outs, _ = _integrate(dynamics, (h0, h0_dot), t, spec.method, spec.rtol, spec.atol, spec.step_size,
-                             spec.max_steps)
+                             spec.max_steps, spec.check_every)
         tangent = [y[1] for y in outs]
         if t_dot is not None:  # an output time that moves reads the trajectory elsewhere: + f(t_i, y_i)·ṫ_i
             tangent = [out0_dot] + [tangent[i] + spec.f(t[i], outs[i][0], *args) * t_dot[i].to(h0.dtype)
@@ -369,11 +388,11 @@ class _OdeAdjoint(torch.autograd.Function):
         reset = lambda k, y: (ys[n - 1 - k], *y[1:])  # noqa: E731
         jump = lambda k, y: (y[0], y[1] + ys_bar[n - 1 - k], *y[2:])  # noqa: E731
         outs, info = _integrate(dynamics, state, rev, spec.method, spec.adjoint_rtol, spec.adjoint_atol,
-                                spec.step_size, spec.max_steps, reset=reset, jump=jump)
+                                spec.step_size, spec.max_steps, spec.check_every, reset=reset, jump=jump)
         final = outs[-1]
         h0_bar = final[1] + ys_bar[0]
         if spec.record is not None:
-            spec.record.backward = ODEInfo(*(_concrete(x).detach() for x in info))
+            spec.record.backward = _recorded(info)
         _report(info, f"odeint backward (adjoint {spec.method})",
                 "Raise max_steps, loosen adjoint_rtol/adjoint_atol, or check that f is smooth along the trajectory.",
                 spec.on_nonconvergence, spec.on_nonfinite)
@@ -394,8 +413,8 @@ class _OdeAdjoint(torch.autograd.Function):
 def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rtol: float = 1e-7,
            atol: float = 1e-9, step_size: Optional[float] = None, adjoint: bool = True,
            adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None, max_steps: int = 4096,
-           on_nonconvergence: str = "raise", on_nonfinite: str = "raise", return_info: bool = False,
-           record: Optional[Record] = None):
+           check_every: Optional[int] = None, on_nonconvergence: str = "raise", on_nonfinite: str = "raise",
+           return_info: bool = False, record: Optional[Record] = None):
     r"""Solve ``dh/dt = f(t, h, *args)``, ``h(t[0]) = h0``, differentiable in ``h0`` and ``args``.
 
     The math, the solvers and when the gradient is exact are in the module docstring (``bilevel.ode``).
@@ -418,7 +437,12 @@ def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rt
             ``jacfwd``) solves the variational equation alongside ``h``. ``False``: backpropagate through the
             solver (the exact gradient of the discrete solve).
         adjoint_rtol, adjoint_atol: the backward solve's tolerances (default: ``rtol``, ``atol``).
-        max_steps: budget of adaptive steps (accepted + rejected) for the whole solve, forward and backward each.
+        max_steps: budget of adaptive steps (accepted + rejected) for the whole solve, forward and backward each
+            (under ``vmap``: for each entry).
+        check_every: the adaptive loop reads whether every entry has reached the next output time on the host (a
+            device-to-host synchronisation on an accelerator) every ``check_every`` steps; ``0`` never (each
+            interval of ``t`` then runs the whole ``max_steps``); ``None``: 1 on the CPU, 8 elsewhere. The steps
+            between two reads are masked: the result is the same for every value.
         on_nonconvergence: ``"raise" | "warn" | "ignore"`` when ``max_steps`` ends the solve early or the step size
             underflows (default ``"raise"``: the output would be at the wrong time).
         on_nonfinite: the same for NaN/inf in the solution.
@@ -462,6 +486,9 @@ def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rt
         raise ValueError(f"odeint(step_size={step_size!r}): step_size is for method='euler' or 'rk4' and must be > 0.")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"odeint(max_steps={max_steps!r}): must be an int >= 1.")
+    if not _check_every_ok(check_every):
+        raise ValueError(f"odeint(check_every={check_every!r}): must be None or an int >= 0.")
+    check_every = _cadence(check_every, t.device)
     if t.requires_grad and not adjoint and method not in FIXED:
         raise ValueError("odeint(f, h0, t): with adjoint=False, gradients with respect to t need a fixed-step method "
                          "(the adaptive step sizes are not differentiated); use adjoint=True or pass t.detach().")
@@ -480,16 +507,16 @@ def odeint(f: Callable, h0: Tensor, t: Tensor, *args, method: str = "dopri5", rt
         leaves, treedef = tree_flatten(args)
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         constants = tuple(_TENSOR if isinstance(x, Tensor) else x for x in leaves)
-        spec = _Spec(f, treedef, constants, method, rtol, atol, step_size, max_steps,
+        spec = _Spec(f, treedef, constants, method, rtol, atol, step_size, max_steps, check_every,
                      rtol if adjoint_rtol is None else adjoint_rtol, atol if adjoint_atol is None else adjoint_atol,
                      on_nonconvergence, on_nonfinite, record)
         ys, *fields = _OdeAdjoint.apply(spec, h0, t, *tensors)
         info = ODEInfo(*fields)
     else:
         outs, info = _integrate(lambda s, y: (f(s, y[0], *args),), (h0,), t, method, rtol, atol, step_size,
-                                max_steps)
+                                max_steps, check_every)
         ys = torch.stack([y[0] for y in outs])
     if record is not None:
-        record.forward = ODEInfo(*(_concrete(x).detach() for x in info))
+        record.forward = _recorded(info)
     _report(info, f"odeint ({method})", hint, on_nonconvergence, on_nonfinite)
     return (ys, info) if return_info else ys

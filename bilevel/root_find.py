@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import tree
 from .diagnostics import POLICIES, NonConvergenceError, NonFiniteError, _policy
-from .inner import _under_vmap
+from ._host import _all_true, _cadence, _check_every_ok, _check_now, _under_vmap
 from .linear_solve import _NONNEG, _STEPS, GMRES, LinearOperator, _check
 from .types import SolveInfo
 
@@ -45,40 +45,6 @@ RootFn = Callable[..., Tensor]
 def fixed_point_residual(f: RootFn) -> RootFn:
     """The root form ``F(z) = z − f(z)`` of the fixed-point problem ``z = f(z, *args)``."""
     return lambda z, *args: z - f(z, *args)
-
-
-# Reading every batch entry of a vmapped tensor needs two private functorch calls (present in torch 2.13, tested).
-# They are looked up once: where they are missing, `_unwrapped` returns None and masked loops run their whole
-# budget under vmap, which gives the same result, only without the early stop.
-_functorch = getattr(torch._C, "_functorch", None)
-_CAN_UNWRAP = all(hasattr(_functorch, name) for name in ("is_functorch_wrapped_tensor", "get_unwrapped"))
-
-
-def _unwrapped(x: Tensor) -> Optional[Tensor]:
-    """The plain tensor under any functorch wrappers (under ``vmap``: every batch entry at once), or ``None`` if this
-    torch lacks the private API that reads it."""
-    if not _CAN_UNWRAP:
-        return None
-    while _functorch.is_functorch_wrapped_tensor(x):
-        x = _functorch.get_unwrapped(x)
-    return x
-
-
-def _all_true(mask: Tensor) -> bool:
-    """``bool(mask.all())``, also under ``vmap``, where it is true once every batch entry is, so a masked loop can
-    stop as soon as the whole batch is done (one host sync per call). ``False`` under ``vmap`` if the batch cannot
-    be read (see ``_unwrapped``): the caller then runs its full budget."""
-    plain = _unwrapped(mask)
-    if plain is None:
-        if _under_vmap():
-            return False
-        plain = mask
-    return bool(plain.all())
-
-
-def _check_now(k: int, check_every: int) -> bool:
-    """Whether iteration ``k`` reads the early stop on the host: every ``check_every`` iterations, never if 0."""
-    return check_every > 0 and k % check_every == 0
 
 
 class ConditioningWarning(UserWarning):
@@ -217,9 +183,6 @@ def check_solve(info: SolveInfo, what: str, tol: Optional[float] = None, hint: s
 _POS = (lambda v: v > 0, "> 0")
 
 
-_CHECK_EVERY_ACCELERATOR = 8  # iterations between host reads off the CPU: a read waits for the device's queue
-
-
 @dataclass(frozen=True)
 class _RootSolver:
     """The shared loop: validation, the masked early stop and the ``SolveInfo``. Subclasses define ``step``.
@@ -237,13 +200,10 @@ class _RootSolver:
 
     def __post_init__(self):
         _check(type(self).__name__, steps=(self.steps, *_STEPS), tol=(self.tol, *_NONNEG),
-               check_every=(self.check_every, lambda v: v is None or (isinstance(v, int) and v >= 0),
-                            "None or an int >= 0"))
+               check_every=(self.check_every, _check_every_ok, "None or an int >= 0"))
 
     def _cadence(self, z: Tensor) -> int:
-        if self.check_every is not None:
-            return self.check_every
-        return 1 if z.device.type == "cpu" else _CHECK_EVERY_ACCELERATOR
+        return _cadence(self.check_every, z.device)
 
     def __call__(self, fn: RootFn, z0: Tensor, *args) -> tuple[Tensor, SolveInfo]:
         """Solve ``fn(z, *args) = 0`` from ``z0``.

@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
-from bilevel import root_find
+from bilevel import _host
 from bilevel.root_find import Anderson, Broyden, Newton, NewtonKrylov, Picard, fixed_point_residual
 from test_precision import CreatedOn, meta_mlp
 
@@ -111,13 +111,13 @@ def test_without_the_private_functorch_api_vmap_runs_the_whole_budget_with_the_s
     solve = lambda: vmap(lambda z0: Newton(tol=1e-12)(F, z0))(arctan_starts())  # noqa: E731
     fast = solve()
     fast_calls, calls["n"] = calls["n"], 0
-    monkeypatch.setattr(root_find, "_CAN_UNWRAP", False)
-    assert root_find._unwrapped(torch.ones(2)) is None
+    monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
+    assert _host._unwrapped(torch.ones(2)) is None
     slow = solve()
     assert same(slow, fast) and bool(fast[1].converged.all())
     assert calls["n"] > fast_calls  # the fallback really ran: no early end of the line search under vmap
     # outside vmap the fallback reads the plain tensor, as before
-    assert root_find._all_true(torch.tensor([True, True])) and not root_find._all_true(torch.tensor([True, False]))
+    assert _host._all_true(torch.tensor([True, True])) and not _host._all_true(torch.tensor([True, False]))
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -173,3 +173,231 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("\n") == 1 and "no GPU found" in run.stdout and not out.exists()
+
+
+# qp and odeint: the same cadence for the interior-point loop and the adaptive ODE loop
+
+from bilevel import ode as ode_module, qp as qp_module  # noqa: E402
+from bilevel.layers import Record, odeint, qp  # noqa: E402
+from test_qp import gram, random_qp  # noqa: E402
+
+
+def qp_batch():
+    """Four QPs that need different numbers of interior-point iterations (the batch is solved under vmap)."""
+    L, q, G, h, A, b = (x.detach() for x in random_qp(n=4, m=5, p=1, seed=3))
+    qs = torch.stack([q, 3 * q, -q, 0.1 * q]).requires_grad_()
+    return gram(L).requires_grad_(), qs, G.requires_grad_(), h.requires_grad_(), A, b
+
+
+def qp_outputs(**kw):
+    """Solutions, forward SolveInfo and gradients in every input of a batch and of its first problem alone."""
+    Q, qs, G, h, A, b = qp_batch()
+    out = []
+    for q in (qs, qs[0]):
+        z, info = qp(Q, q, G, h, A, b, return_info=True, **kw)
+        out += [z, info, torch.autograd.grad((z * torch.arange(1.0, 5.0, dtype=DT)).sum(), (Q, qs, G, h))]
+    return out
+
+
+@pytest.mark.parametrize("every", [3, 8, 0])
+def test_qp_check_every_never_changes_the_result(every):
+    reference = qp_outputs()
+    assert len(set(reference[1].steps.tolist())) > 1  # the batch entries stop at different iterations
+    assert same(qp_outputs(check_every=every), reference)
+
+
+@pytest.mark.parametrize("every,reads", [(1, 20), (8, 3), (3, 7), (0, 0)])
+def test_qp_host_reads_follow_check_every(every, reads):
+    """``tol=0`` is never met, so the budget of 20 iterations runs; the reads outside the loop (the input checks,
+    the failure classification) are the same for every ``check_every``, so the loop's are the difference."""
+    L, q, G, h, A, b = (x.detach() for x in random_qp(seed=4))
+
+    def count(**kw):
+        with HostReads() as host:
+            qp(gram(L), q, G, h, A, b, steps=20, tol=0.0, on_nonconvergence="ignore", on_nonfinite="ignore", **kw)
+        return host.count
+
+    assert count(check_every=every) - count(check_every=0) == reads == (every and math.ceil(20 / every))
+    assert count() == count(check_every=1)  # the CPU default
+
+
+def ode_problem():
+    """``h' = tanh(W h) + 0.1 sin t`` for three W that need different numbers of steps, three output intervals."""
+    g = torch.Generator().manual_seed(0)
+    W = 0.5 * torch.randn(3, 3, generator=g, dtype=DT)
+    h0 = torch.randn(3, generator=g, dtype=DT)
+    return torch.stack([W, 4 * W, -W]), h0, torch.linspace(0, 1, 4, dtype=DT)
+
+
+def tanh_field(t, h, W):
+    return torch.tanh(W @ h) + 0.1 * torch.sin(t)
+
+
+def ode_outputs(adjoint=True, method="dopri5", max_steps=40, **kw):
+    """Outputs, forward ODEInfo and gradients in W and h0, for the batch under vmap and its second problem alone
+    (they need 8 to 18 steps forward or backward: ``max_steps=40`` keeps ``check_every=0`` quick)."""
+    Ws, h0, t = ode_problem()
+    kw["max_steps"] = max_steps
+
+    def solve(W, h0):
+        ys, info = odeint(tanh_field, h0, t, W, adjoint=adjoint, method=method, return_info=True, **kw)
+        return (ys[1:] ** 2).sum(), (ys, info)
+
+    both = torch.func.grad(solve, argnums=(0, 1), has_aux=True)
+    return [vmap(both, in_dims=(0, None))(Ws, h0), both(Ws[1], h0)]
+
+
+@pytest.mark.parametrize("every", [3, 8, 0])
+@pytest.mark.parametrize("adjoint", [True, False], ids=["adjoint", "backprop"])
+def test_odeint_check_every_never_changes_the_result(every, adjoint):
+    reference = ode_outputs(adjoint)
+    assert len(set(reference[0][1][1].accepted.tolist())) > 1  # the batch entries take different numbers of steps
+    assert same(ode_outputs(adjoint, check_every=every), reference)
+    # the backward (adjoint) solve runs the same loop: its record too
+    Ws, h0, t = ode_problem()
+    recs = [Record(), Record()]
+    for rec, kw in zip(recs, ({}, {"check_every": every})):
+        W = Ws[1].clone().requires_grad_()
+        odeint(tanh_field, h0, t, W, record=rec, max_steps=40, **kw)[-1].sum().backward()
+    assert same(recs[0].backward, recs[1].backward) and same(recs[0].forward, recs[1].forward)
+
+
+@pytest.mark.parametrize("every", [3, 0])
+def test_odeint_check_every_with_a_budget_that_runs_out(every):
+    """``max_steps`` below what one of the three problems needs: it fails at the same step for every cadence."""
+    kw = dict(max_steps=10, on_nonconvergence="ignore")
+    reference = ode_outputs(**kw)
+    converged = reference[0][1][1].converged
+    assert bool(converged.any()) and not bool(converged.all())
+    assert same(ode_outputs(check_every=every, **kw), reference)
+
+
+def test_odeint_budget_is_per_problem_under_vmap():
+    """Each problem's ``max_steps`` counts its own steps, so under vmap it ends as it does alone: a problem that is
+    quick in the first interval is not charged the steps another one takes there."""
+    Ws, h0, t = ode_problem()
+    solve = lambda W: odeint(tanh_field, h0, t, W, max_steps=12, on_nonconvergence="ignore",  # noqa: E731
+                             return_info=True)
+    ys, info = vmap(solve)(Ws)
+    alone = [solve(W) for W in Ws]
+    for i, (ys_i, info_i) in enumerate(alone):
+        assert all(torch.equal(a[i], b) for a, b in zip(info, info_i)), (i, info, info_i)
+        assert torch.allclose(ys[i], ys_i, rtol=0, atol=1e-13)
+    assert bool(info.converged.any()) and not bool(info.converged.all())
+
+
+@pytest.mark.parametrize("every,reads", [(1, 40), (8, 5), (3, 14), (0, 0)])
+def test_odeint_host_reads_follow_check_every(every, reads):
+    """One output interval and a budget of 40 steps that runs out: the loop reads ``ceil(40 / check_every)``
+    times; the other reads (the input checks, the policy) are the same for every ``check_every``."""
+    Ws, h0, t = ode_problem()
+
+    def count(**kw):
+        with HostReads() as host:
+            odeint(tanh_field, h0, t[[0, -1]], Ws[1], rtol=1e-13, atol=1e-13, max_steps=40,
+                   on_nonconvergence="ignore", **kw)
+        return host.count
+
+    assert count(check_every=every) - count(check_every=0) == reads == (every and math.ceil(40 / every))
+    assert count() == count(check_every=1)
+
+
+@pytest.mark.parametrize("call", [lambda: qp(torch.eye(1), torch.ones(1), check_every=-1),
+                                  lambda: odeint(lambda t, h: -h, torch.ones(1), torch.tensor([0.0, 1.0]),
+                                                 check_every=2.0)], ids=["qp", "odeint"])
+def test_check_every_is_validated(call):
+    with pytest.raises(ValueError, match=r"check_every=(-1|2\.0)\): must be None or an int >= 0"):
+        call()
+
+
+# without the private functorch API: the same results, the whole budget under vmap
+
+def test_under_vmap_without_the_interpreter_stack_asks_whether_any_transform_is_active(monkeypatch):
+    seen = []
+    probe = lambda x: seen.append(_host._under_vmap()) or x  # noqa: E731
+    probe(torch.ones(2)), vmap(probe)(torch.ones(2))
+    monkeypatch.setattr(_host, "_CAN_READ_STACK", False)
+    probe(torch.ones(2)), vmap(probe)(torch.ones(2)), torch.func.grad(lambda x: probe(x).sum())(torch.ones(2))
+    # exact with the stack; without it every transform counts (grad too): loops run masked, results the same
+    assert seen == [False, True, False, True, True]
+    monkeypatch.setattr(_host, "_transforms_active", None)
+    assert not _host._under_vmap() and not vmap(lambda x: x * _host._under_vmap())(torch.ones(2)).any()
+
+
+def test_bilevel_imports_without_the_private_functorch_calls():
+    """A torch without them still imports the package, which then takes the fallbacks (torch's own code uses them
+    too, so only the import and the probes are run here)."""
+    code = ("import torch\n"
+            "for name in ('get_interpreter_stack', 'get_unwrapped', 'is_functorch_wrapped_tensor'):\n"
+            "    delattr(torch._C._functorch, name)\n"
+            "import bilevel, bilevel.layers\n"
+            "from bilevel import _host\n"
+            "seen = []\n"
+            "torch.func.vmap(lambda x: seen.append(_host._under_vmap()) or x)(torch.ones(2))\n"
+            "print(_host._CAN_UNWRAP, _host._CAN_READ_STACK, _host._under_vmap(), seen)\n")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False", "False", "[True]"]
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["interpreter_stack", "no_interpreter_stack"])
+def test_qp_without_the_private_api_runs_the_whole_budget_with_the_same_result(monkeypatch, stack):
+    reference = qp_outputs()
+    calls = {"n": 0}
+    kkt = qp_module._kkt_matrix
+
+    def counted(*args):
+        calls["n"] += 1
+        return kkt(*args)
+
+    monkeypatch.setattr(qp_module, "_kkt_matrix", counted)
+    qp_outputs()
+    fast, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
+    monkeypatch.setattr(_host, "_CAN_READ_STACK", stack)
+    assert same(qp_outputs(), reference)
+    assert calls["n"] > fast  # the batch ran all 50 iterations, masked after convergence
+
+
+@pytest.mark.parametrize("adjoint", [True, False], ids=["adjoint", "backprop"])
+def test_odeint_without_the_private_api_runs_the_whole_budget_with_the_same_result(monkeypatch, adjoint):
+    kw = dict(max_steps=40)
+    reference, fixed = ode_outputs(adjoint, **kw), ode_outputs(adjoint, method="rk4", step_size=0.1)
+    calls = {"n": 0}
+    step = ode_module._dopri_step
+
+    def counted(*args):
+        calls["n"] += 1
+        return step(*args)
+
+    monkeypatch.setattr(ode_module, "_dopri_step", counted)
+    ode_outputs(adjoint, **kw)
+    fast, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
+    assert same(ode_outputs(adjoint, **kw), reference)
+    assert calls["n"] > fast  # under vmap every interval ran its whole budget of masked steps
+    # fixed steps: the step count is read from t, which is shared here
+    assert same(ode_outputs(adjoint, method="rk4", step_size=0.1), fixed)
+
+
+def test_odeint_record_and_batched_times_without_the_private_api(monkeypatch):
+    """Under vmap a ``Record`` holds every entry; without the API it is left empty rather than holding tensors that
+    die with the transform. A fixed-step count over a batched ``t`` cannot be read: a clear error."""
+    Ws, h0, t = ode_problem()
+    rec = Record()
+    vmap(lambda W: odeint(tanh_field, h0, t, W, max_steps=40, record=rec))(Ws)
+    assert rec.forward.accepted.shape == (3,)
+    monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
+    rec = Record()
+    vmap(lambda W: odeint(tanh_field, h0, t, W, max_steps=40, record=rec))(Ws)
+    assert rec.forward is None
+    odeint(tanh_field, h0, t, Ws[0], record=rec)
+    assert bool(rec.forward.converged)  # outside vmap the fallback records as before
+    ts = torch.stack([t, 2 * t])
+    with pytest.raises(ValueError, match=r"odeint\(step_size=...\): under vmap over t this torch cannot read"):
+        vmap(lambda t: odeint(tanh_field, h0, t, Ws[0], method="rk4", step_size=0.1))(ts)
+    monkeypatch.undo()
+    ys = vmap(lambda t: odeint(tanh_field, h0, t, Ws[0], method="rk4", step_size=0.1))(ts)
+    assert ys.shape == (2, 4, 3)
