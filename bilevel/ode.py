@@ -320,8 +320,10 @@ class _OdeAdjoint(torch.autograd.Function):
         spec, h0, t, *tensors = inputs
         ctx.spec = spec
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(output[0], t, *tensors)
-        ctx.save_for_forward(h0, t, *tensors)
+        # one list for both: torch's generated vmap rule gives the tensors of both calls the batch dims of one
+        # (a shared h0 made the saved ys look unbatched to a backward() run outside vmap)
+        ctx.save_for_backward(output[0], h0, t, *tensors)
+        ctx.save_for_forward(output[0], h0, t, *tensors)
 
     @staticmethod
     def jvp(ctx, _, h0_dot, t_dot, *tensor_dots):
@@ -329,7 +331,7 @@ class _OdeAdjoint(torch.autograd.Function):
         # Runge–Kutta method this is the exact derivative of the discrete solve (an explicit RK step commutes with
         # linearisation); the adaptive solver controls the error of (h, ḣ) together.
         spec: _Spec = ctx.spec
-        h0, t, *tensors = ctx.saved_tensors
+        _, h0, t, *tensors = ctx.saved_tensors
         moving = [i for i, d in enumerate(tensor_dots) if d is not None]
         h0_dot = torch.zeros_like(h0) if h0_dot is None else h0_dot
         args = spec.args(tensors)
@@ -358,7 +360,7 @@ class _OdeAdjoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ys_bar, *_):
         spec: _Spec = ctx.spec
-        ys, t, *tensors = ctx.saved_tensors
+        ys, _, t, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
         wanted = [i for i, need in enumerate(needs[3:]) if need]
         if not (needs[1] or needs[2] or wanted):
