@@ -219,7 +219,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.run.threads is None or cfg.run.threads >= 1, f"run.threads={cfg.run.threads}; use null or >= 1.")
     _check(not (cfg.run.resume and cfg.run.overwrite),
            "run.resume and run.overwrite (--resume, --overwrite) exclude each other; pick one.")
-    _check(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda"),
-           f"run.device={cfg.run.device!r}; use auto, cpu, cuda or cuda:<index>.")
+    base.check_device(cfg.run.device, "run.device")
     _check(cfg.wandb.mode in ("offline", "online", "disabled"),
            f"wandb.mode={cfg.wandb.mode!r}; use offline, online or disabled.")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import bilevel as bl
 
 from . import distributed as dist
-from tasks.config import parse_cli
+from tasks.config import parse_cli, resolve_device
 
 from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
@@ -93,6 +93,7 @@ def make_method(cfg: DictConfig, model: Conv4):
 def build(cfg: DictConfig, data=None) -> Workload:
     """Load the data, split it, and build the samplers, model and method; every input error is raised here."""
     d, t = cfg.data, cfg.task
+    device = resolve_device(cfg.run.device)   # an unavailable device is an error before the data is read
     sets = (d.background,) + ((d.evaluation,) if d.evaluation else ())
     data = data or load_omniglot(sets, d.root, download=d.download, cache=d.cache)
     sampling = {"train": t.sampling, "val": cfg.eval.sampling or t.sampling, "test": cfg.eval.sampling or t.sampling}
@@ -116,19 +117,7 @@ def build(cfg: DictConfig, data=None) -> Workload:
     torch.manual_seed(cfg.run.seed)
     model = Conv4(t.ways, pool=cfg.model.pool)
     problem, method, test_solver, test_loss = make_method(cfg, model)
-    return Workload(cfg, model, problem, method, test_solver, test_loss, samplers, _device(cfg))
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    """``run.device``; ``auto`` is this rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if cfg.run.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={cfg.run.device} but this torch build or machine has no CUDA device; use "
-                         f"run.device=cpu or auto.")
-    return torch.device(cfg.run.device)
+    return Workload(cfg, model, problem, method, test_solver, test_loss, samplers, device)
 
 
 def check_model(saved: DictConfig, cfg: DictConfig, path) -> None:
@@ -280,7 +269,7 @@ def main(cfg: DictConfig, data=None) -> dict:
     folder holding a run is refused unless ``run.resume`` or ``run.overwrite``, and ``run.lock`` is held until the
     run ends, however it ends.
     """
-    _device(cfg)   # an unavailable device is an error before any work
+    resolve_device(cfg.run.device)   # an unavailable device is an error before any work
     if int(os.environ.get("RANK", "0")) != 0:
         return _main(cfg, data)
     folder = RunFolder(run_dir_of(cfg), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
