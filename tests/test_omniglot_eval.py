@@ -102,3 +102,30 @@ def test_test_time_adaptation_minimises_the_loss_inner_test_reg_names(trained, t
     distance = sum(float((moved[k] - hparams[k]).pow(2).sum()) for k in hparams)
     assert float(work.test_loss(moved, hparams, batch)) == pytest.approx(float(plain) + expected / 2 * distance,
                                                                          rel=1e-5)
+
+
+def _fake_run(path: Path, accs, cpus, test=None):
+    path.mkdir()
+    steps = [100 * (i + 1) for i in range(len(accs))]
+    history = {"val_step": steps, "val_acc": accs, "val_ci": [0.01] * len(accs), "val_cpu": cpus,
+               "val_time": cpus, "step": steps, "loss": [1.0] * len(accs), "acc": accs}
+    cfg = {"task": {"ways": 5, "shots": 1}, "method": {"name": "maml"}, "meta": {"batch": 32}}
+    torch.save({"step": steps[-1], "history": history, "config": cfg, "cpu": cpus[-1], "hparams": {"w": torch.zeros(1)}},
+               path / "checkpoint.pt")
+    if test is not None:
+        (path / "results.json").write_text(json.dumps({"test": {"accuracy": test, "ci95": 0.007},
+                                                       "tested_weights": {"step": steps[-1]}}))
+        (path / "curves.png").write_bytes(b"the test's own plot")
+
+
+def test_report_gives_time_to_accuracy_and_the_test_and_keeps_a_finished_run_s_curves(tmp_path, capsys):
+    from tasks.omniglot import report
+    _fake_run(tmp_path / "done", [0.90, 0.951, 0.96, 0.972], [600.0, 1200.0, 1800.0, 2400.0], test=0.9687)
+    _fake_run(tmp_path / "training", [0.5, 0.6], [60.0, 120.0])
+    runs = report.main([str(tmp_path / "done"), str(tmp_path / "training"), "--out", str(tmp_path / "all.png")])
+    assert runs[0]["to95"] == (200, 20.0) and runs[0]["to97"] == (400, 40.0) and runs[1]["to95"] is None
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].endswith("| 20 min (step 200) | 40 min (step 400) | 96.87 ± 0.70 % (step 400) |")
+    assert rows[3].endswith("| not yet | not yet | – |")
+    assert (tmp_path / "done" / "curves.png").read_bytes() == b"the test's own plot"
+    assert (tmp_path / "training" / "curves.png").stat().st_size > 1000 and (tmp_path / "all.png").is_file()

@@ -5,15 +5,16 @@ Usage::
     python -m tasks.omniglot.report runs/omniglot/maml_5w1s runs/omniglot/fomaml_5w1s ...
 
 For each run folder it reads ``checkpoint.pt`` (the curves are in its history, so a run still training can be
-reported), redraws ``<run>/curves.png``, and prints one Markdown row: method, setting, meta-steps x tasks reached,
-training CPU minutes, best validation accuracy, and the CPU minutes and meta-steps at which validation first
-reached 95 % and 97 %. A combined plot of validation accuracy against training CPU minutes and against meta-steps
+reported; its ``curves.png`` is redrawn, while a finished run keeps the one its test drew), and prints one Markdown
+row: method, setting, meta-steps x tasks reached, training CPU minutes, best validation accuracy, the CPU minutes
+and meta-steps at which validation first reached 95 % and 97 %, and the test accuracy of ``results.json``. A combined plot of validation accuracy against training CPU minutes and against meta-steps
 goes to ``--out`` (default ``runs/omniglot/curves.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -42,8 +43,17 @@ def summarise(run: Path) -> dict:
         "best_val": None if best is None else (history["val_step"][best], history["val_acc"][best],
                                                history["val_ci"][best]),
         "to95": _first_reaching(history, 0.95), "to97": _first_reaching(history, 0.97), "history": history,
-        "config": cfg,
+        "config": cfg, "test": _test(run),
     }
+
+
+def _test(run: Path):
+    """``(accuracy, ci95, step tested)`` from the run's ``results.json``, or ``None`` while it trains."""
+    path = run / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results["test"]["accuracy"], results["test"]["ci95"], results["tested_weights"]["step"]
 
 
 def _row(s: dict) -> str:
@@ -51,8 +61,10 @@ def _row(s: dict) -> str:
         return "not yet" if r is None else f"{r[1]:.0f} min (step {r[0]:,})"
     val = "–" if s["best_val"] is None else f"{100 * s['best_val'][1]:.2f} ± {100 * s['best_val'][2]:.2f} % " \
                                            f"(step {s['best_val'][0]:,})"
+    test = "–" if s["test"] is None else f"{100 * s['test'][0]:.2f} ± {100 * s['test'][1]:.2f} % " \
+                                         f"(step {s['test'][2]:,})"
     return (f"| {s['run']} | {s['method']} | {s['setting']} | {s['steps']:,} x {s['batch']} | {s['cpu_min']:.0f} | "
-            f"{val} | {reach(s['to95'])} | {reach(s['to97'])} |")
+            f"{val} | {reach(s['to95'])} | {reach(s['to97'])} | {test} |")
 
 
 def _plot_combined(path: Path, runs: list[dict]) -> None:
@@ -88,13 +100,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if missing:
         raise SystemExit(f"error: no checkpoint.pt in {', '.join(missing)}; give training run folders.")
     runs = [summarise(r) for r in args.runs]
-    print("| run | method | setting | meta-steps x tasks | CPU min | best validation | to 95 % val | to 97 % val |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | method | setting | meta-steps x tasks | CPU min | best validation | to 95 % val | to 97 % val | "
+          "test (600 tasks) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in runs:
         print(_row(s))
-        _plot_curves(args.runs[runs.index(s)] / "curves.png", s["history"],
-                     f"{s['run']}: {s['method']}, {s['setting']}; {s['steps']} meta-steps x {s['batch']} tasks, "
-                     f"{s['cpu_min']:.0f} CPU min")
+        if s["test"] is None:   # a finished run keeps the curves its test drew (their title holds the result)
+            _plot_curves(args.runs[runs.index(s)] / "curves.png", s["history"],
+                         f"{s['run']}: {s['method']}, {s['setting']}; {s['steps']} meta-steps x {s['batch']} tasks, "
+                         f"{s['cpu_min']:.0f} CPU min")
     _plot_combined(args.out, runs)
     return runs
 
