@@ -110,7 +110,8 @@ def _fake_run(path: Path, accs, cpus, test=None):
     history = {"val_step": steps, "val_acc": accs, "val_ci": [0.01] * len(accs), "val_cpu": cpus,
                "val_time": cpus, "step": steps, "loss": [1.0] * len(accs), "acc": accs}
     cfg = {"task": {"ways": 5, "shots": 1}, "method": {"name": "maml"}, "meta": {"batch": 32}}
-    torch.save({"step": steps[-1], "history": history, "config": cfg, "cpu": cpus[-1], "hparams": {"w": torch.zeros(1)}},
+    torch.save({"step": steps[-1], "history": history, "config": cfg, "cpu": cpus[-1],
+                "hparams": {"w": torch.zeros(1)}},
                path / "checkpoint.pt")
     if test is not None:
         (path / "results.json").write_text(json.dumps({"test": {"accuracy": test, "ci95": 0.007},

@@ -7,8 +7,9 @@ Usage::
 For each run folder it reads ``checkpoint.pt`` (the curves are in its history, so a run still training can be
 reported; its ``curves.png`` is redrawn, while a finished run keeps the one its test drew), and prints one Markdown
 row: method, setting, meta-steps x tasks reached, training CPU minutes, best validation accuracy, the CPU minutes
-and meta-steps at which validation first reached 95 % and 97 %, and the test accuracy of ``results.json``. A combined plot of validation accuracy against training CPU minutes and against meta-steps
-goes to ``--out`` (default ``runs/omniglot/curves.png``).
+and meta-steps at which validation first reached 95 % and 97 %, and the test accuracy of ``results.json``. A
+combined plot of validation accuracy against training CPU minutes and against meta-steps goes to ``--out``
+(default ``runs/omniglot/curves.png``).
 """
 
 from __future__ import annotations
