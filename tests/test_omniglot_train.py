@@ -255,3 +255,89 @@ def test_inference_loads_a_training_checkpoint(small, tmp_path):
     batch = train.build(tiny(tmp_path), small).samplers["test"].sample(0, 1).task(0)
     task = clf.adapt(batch.support[:, 0], batch.support_labels.tolist())
     assert len(task.predict(batch.query)) == batch.query.shape[0]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def test_imaml_reference_inner_loop_is_the_authors_and_the_default_is_unchanged(small, tmp_path):
+    """method.inner_loop=reference against plain autograd in float64: inner.steps CE steps from θ, one step of
+    inner.lr on reg/2 ||w − θ||² alone, and the meta-gradient v of the authors' system
+    (1 + coef) v + H v / (reg + lam_damping) = g, H the support CE Hessian at those weights (aravindr93/imaml_dev,
+    Learner.matrix_evaluator), by a hand-written CG. The default stays the proximal loop, bit for bit."""
+    lr, reg, steps, coef, lam_damping = 0.1, 2.0, 3, 1.0, 10.0
+    common = ["method.name=imaml", "method.system=reference", f"inner.lr={lr}", f"inner.steps={steps}",
+              f"method.reg={reg}", f"method.coef={coef}", f"method.lam_damping={lam_damping}",
+              "meta.on_nonconvergence=ignore"]
+    work = train.build(tiny(tmp_path, *common, "method.inner_loop=reference", "method.cg_steps=300",
+                            "method.tol=1e-12"), small)
+    theta = {k: v.double() for k, v in work.model.init_params().items()}
+    task = work.samplers["train"].sample(0, 1).task(0)
+    inner, outer = (task.support.double(), task.support_labels), (task.query.double(), task.query_labels)
+    out = work.method(work.problem, theta, inner, outer)
+
+    def ce(w, batch):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(work.model, w, (batch[0],)), batch[1])
+
+    def step(w, loss_fn):  # one SGD step of size lr, as the authors' inner_opt
+        w = {k: v.detach().requires_grad_() for k, v in w.items()}
+        grads = torch.autograd.grad(loss_fn(w), list(w.values()))
+        return {k: (v - lr * g).detach() for (k, v), g in zip(w.items(), grads)}
+
+    w = dict(theta)
+    for _ in range(steps):
+        w = step(w, lambda w_: ce(w_, inner))
+    w = step(w, lambda w_: 0.5 * reg * sum(((w_[k] - theta[k]) ** 2).sum() for k in w_))  # the pull-back
+    for k in w:
+        torch.testing.assert_close(out.params[k], w[k], rtol=0, atol=1e-12)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in w.items()}
+    g_support = torch.autograd.grad(ce(leaves, inner), list(leaves.values()), create_graph=True)
+
+    def matvec(v):  # the authors' matrix_evaluator
+        parts, start = [], 0
+        for t in leaves.values():
+            parts.append(v[start:start + t.numel()].view_as(t))
+            start += t.numel()
+        hv = torch.autograd.grad(g_support, list(leaves.values()), grad_outputs=parts, retain_graph=True)
+        return (1 + coef) * v + _flat(hv) / (reg + lam_damping)
+
+    g = _flat(torch.autograd.grad(ce(leaves, outer), list(leaves.values())))
+    x, r = torch.zeros_like(g), g.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(300):
+        if rr <= (1e-13 * g.norm()) ** 2:
+            break
+        ap = matvec(p)
+        alpha = rr / (p @ ap)
+        x, r = x + alpha * p, r - alpha * ap
+        rr, rr_old = r @ r, rr
+        p = r + (rr / rr_old) * p
+    v = _flat(out.grad[k] for k in leaves)
+    assert bool(out.linear_info.converged)
+    assert (matvec(v) - g).norm() <= 1e-10 * g.norm()
+    torch.testing.assert_close(v, x, rtol=0, atol=1e-10 * x.abs().max().item())
+
+    # the default (no method.inner_loop) is the proximal loop, built as before the option existed
+    tasks = work.samplers["train"].sample(0, 2)
+    hparams = work.model.init_params()
+    grads = {}
+    for name, extra in (("default", []), ("proximal", ["method.inner_loop=proximal"]),
+                        ("reference", ["method.inner_loop=reference"])):
+        grads[name] = train.meta_step(train.build(tiny(tmp_path, *common, *extra), small), hparams, tasks)[0]
+    loss = train.cross_entropy_loss(work.model)
+    before = bl.Problem(bl.proximal(loss, reg), loss, bl.GradientDescent(lr=lr, steps=steps), init=bl.meta_init)
+    method = bl.imaml(reg=reg, cg_steps=5, system="reference", coef=coef, lam_damping=lam_damping)
+    grads["before"] = bl.meta_grad(method, before, hparams, (tasks.support, tasks.support_labels),
+                                   (tasks.query, tasks.query_labels), on_nonconvergence="ignore").grad
+    for k in hparams:
+        assert torch.equal(grads["default"][k], grads["proximal"][k])
+        assert torch.equal(grads["default"][k], grads["before"][k])
+    assert not all(torch.allclose(grads["reference"][k], grads["proximal"][k], rtol=1e-3) for k in hparams)
+
+
+@pytest.mark.parametrize("override", ["method.name=neumann", "method.name=maml", "inner.solver=adam"])
+def test_reference_inner_loop_is_refused_outside_sgd_imaml(override):
+    with pytest.raises(ValueError, match="method.inner_loop=reference"):
+        load_config("imaml_5w1s", SMALL + ["method.inner_loop=reference", override])

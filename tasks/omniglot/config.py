@@ -79,6 +79,9 @@ class MethodConfig:
     tol: Optional[float] = None            # imaml, neumann: adjoint relative residual; None: sqrt(eps) of the dtype
     coef: float = 1.0                      # imaml reference system: the code's --cg_damping (regu_coef)
     lam_damping: float = 10.0              # imaml reference system: lam_damping
+    inner_loop: str = "proximal"           # imaml: proximal (inner.steps GD steps on CE + reg/2 ||w - theta||^2,
+                                           # the paper's) | reference (the authors' code: inner.steps plain CE
+                                           # steps, then one step of inner.lr on reg/2 ||w - theta||^2 alone)
 
 
 @dataclass
@@ -192,6 +195,10 @@ def validate(cfg: DictConfig) -> None:
     _check(m.damping >= 0 and (m.tol is None or m.tol >= 0) and m.coef >= 0 and m.lam_damping >= 0,
            "method.damping, method.tol, method.coef and method.lam_damping must be >= 0.")
     _check(not (m.solver == "gmres" and m.damping), "method.damping needs method.solver=cg, truncated_cg or minres.")
+    _check(m.inner_loop in ("proximal", "reference"), f"method.inner_loop={m.inner_loop!r}; use proximal or reference.")
+    _check(m.inner_loop == "proximal" or (m.name == "imaml" and cfg.inner.solver == "gd"),
+           f"method.inner_loop=reference is the iMAML authors' SGD inner loop (method.name=imaml, inner.solver=gd); "
+           f"got method.name={m.name}, inner.solver={cfg.inner.solver}: use method.inner_loop=proximal.")
     mc = cfg.meta
     _check(mc.eps > 0, f"meta.eps={mc.eps}; Adam's epsilon must be > 0.")
     _check(mc.batch >= 1 and mc.steps >= 1 and mc.lr > 0, "meta.batch, meta.steps and meta.lr must be positive.")

@@ -18,6 +18,7 @@ accuracy with a 95% confidence interval over ``eval.test_tasks`` tasks) and ``cu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -66,8 +67,33 @@ class Workload:
     device: torch.device = torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class PullBack(bl.InnerSolver):
+    """The inner loop of the iMAML authors' code (aravindr93/imaml_dev, examples/omniglot_implicit_maml.py):
+    ``steps`` gradient steps of size ``lr`` on ``inner_loss`` (their ``learn_task``, on the plain task loss), then
+    one more step of the same size on the proximal term ``reg/2 ||w − θ||²`` alone: ``w ← w − lr·reg·(w − θ)``.
+
+    The returned ``SolveInfo`` is that of the gradient steps. Only the call is defined (what ``Implicit`` uses);
+    ``Unrolled`` would need ``run``.
+    """
+
+    lr: float = 0.1
+    reg: float = 1.0
+
+    def __call__(self, inner_loss, params0, hparams, batch):
+        descent = bl.GradientDescent(lr=self.lr, steps=self.steps, tol=self.tol, rtol=self.rtol)
+        params, info = descent(inner_loss, params0, hparams, batch)
+        return {k: w - self.lr * self.reg * (w - hparams[k]) for k, w in params.items()}, info
+
+
 def make_method(cfg: DictConfig, model: Conv4):
-    """``(problem, method, test_solver, test_loss)`` for ``cfg.method.name`` (the methods' registry)."""
+    """``(problem, method, test_solver, test_loss)`` for ``cfg.method.name`` (the methods' registry).
+
+    ``method.inner_loop=reference`` (iMAML): the inner loss is the plain task loss, solved by ``PullBack``, and the
+    adjoint system is still built from the proximal stationarity condition, whose Jacobian ``H + reg·I`` (``H`` the
+    Hessian of the task loss at the pulled-back weights) ``system=reference`` turns into the authors'
+    ``(1 + coef) v + H v / (reg + lam_damping) = g`` (their ``Learner.matrix_evaluator``).
+    """
     m, inner = cfg.method, cfg.inner
     loss = cross_entropy_loss(model)
     if m.name in ("imaml", "neumann"):  # both solve iMAML's proximal inner problem; they differ in the linear solve
@@ -85,6 +111,10 @@ def make_method(cfg: DictConfig, model: Conv4):
         "reptile": lambda: bl.Reptile(),
         "neumann": lambda: bl.neumann(steps=m.neumann_steps, alpha=m.neumann_alpha, tol=m.tol),
     }[m.name]()
+    if m.inner_loop == "reference":
+        inner_loss = loss
+        solver = PullBack(steps=inner.steps, lr=inner.lr, reg=m.reg)
+        method = dataclasses.replace(method, condition=bl.stationarity(bl.proximal(loss, m.reg)))
     reg = test_reg(cfg)
     test_loss = bl.proximal(loss, reg) if reg else loss
     return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver, test_loss
