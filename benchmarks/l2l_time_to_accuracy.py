@@ -1,0 +1,280 @@
+"""Time to 95 % and 97 % validation accuracy: learn2learn's MAML against bilevel's, on the same tasks and weights.
+
+    BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 600 --threads 1
+
+learn2learn's side is the meta-step of its ``examples/vision/maml_omniglot.py``: ``l2l.algorithms.MAML(model,
+lr=0.5, first_order=False)``; per task ``clone()``, one ``adapt()`` on the support loss, ``backward()`` of the query
+loss (cross-entropy, mean over the batch); the summed gradients scaled by ``1/meta_batch_size``; ``Adam(lr=0.003)``.
+bilevel's side is ``bl.meta_grad(bl.Unrolled(), ...)`` with one gradient step of lr 0.5 and the same Adam. Both train
+learn2learn's ``OmniglotCNN`` through ``bilevel.interop.learn2learn``, from the same initial weights.
+
+Tasks are 5-way 1-shot with 1 query per class (learn2learn's ``train_samples=2*shots``: the even positions adapt,
+the odd ones evaluate), every class of a task turned by its own random multiple of 90 degrees (its
+``RandomClassRotation``), 32 per meta-batch, drawn by the project's ``TaskSampler`` from the MAML split (1,100 train /
+100 validation characters). Each round draws one meta-batch and runs one meta-step of each implementation on it,
+in alternating order; only the meta-steps are timed (wall clock and process CPU time), not the sampling or the
+validation. Every ``--val-every`` meta-steps both are validated on the same fixed tasks of the validation characters
+(adapted with the training step, as the example validates). The run ends when both reached every target or at the
+first round boundary after ``--max-minutes``; a target not reached is reported as such.
+
+Appends JSON lines to ``--out`` (a ``start`` record, one ``val`` record per implementation and validation, one
+``result`` record per implementation) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.metadata
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bilevel as bl
+from bilevel.interop import learn2learn as bl_l2l
+from examples.learn2learn_omniglot import accuracy
+from tasks.omniglot.data import load_omniglot
+from tasks.omniglot.sampler import TaskSampler
+from tasks.omniglot.splits import make_split
+from tasks.omniglot.train import VAL_SEED
+
+ROOT = Path(__file__).resolve().parents[1]
+# learn2learn's examples/vision/maml_omniglot.py: main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.5,
+# meta_batch_size=32, adaptation_steps=1), MAML(first_order=False).
+WAYS, SHOTS, QUERIES, META_BATCH, FAST_LR, META_LR, ADAPTATION_STEPS = 5, 1, 1, 32, 0.5, 0.003, 1
+TARGETS = (0.95, 0.97)
+GRAD_RTOL = 1e-5   # float32: summation order differs (learn2learn sums then scales, bilevel averages as it goes)
+
+
+class Learn2learnMAML:
+    """The meta-step of learn2learn's ``examples/vision/maml_omniglot.py`` (its monitoring left out)."""
+
+    name = "learn2learn"
+
+    def __init__(self, l2l, model: torch.nn.Module):
+        self.maml = l2l.algorithms.MAML(model, lr=FAST_LR, first_order=False)
+        self.opt = torch.optim.Adam(self.maml.parameters(), META_LR)
+
+    def meta_grad(self, inner, outer) -> dict[str, torch.Tensor]:
+        (xs, ys), (xq, yq) = inner, outer
+        self.opt.zero_grad()
+        for i in range(xs.shape[0]):
+            learner = self.maml.clone()
+            for _ in range(ADAPTATION_STEPS):
+                learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
+            F.cross_entropy(learner(xq[i]), yq[i]).backward()
+        for p in self.maml.parameters():
+            p.grad.data.mul_(1.0 / xs.shape[0])
+        return {name: p.grad for name, p in self.maml.module.named_parameters()}
+
+    def step(self, inner, outer) -> None:
+        self.meta_grad(inner, outer)
+        self.opt.step()
+
+    def hparams(self) -> dict[str, torch.Tensor]:
+        return bl_l2l.meta_params(self.maml.module)
+
+
+class BilevelMAML:
+    """Second-order MAML by ``bl.meta_grad(bl.Unrolled(), ...)`` on the module run by ``bl_l2l.module_loss``."""
+
+    name = "bilevel"
+
+    def __init__(self, model: torch.nn.Module, method=None):
+        loss = bl_l2l.module_loss(model)
+        self.problem = bl.Problem(loss, loss, bl.GradientDescent(lr=FAST_LR, steps=ADAPTATION_STEPS),
+                                  init=bl.meta_init)
+        self.method = method or bl.Unrolled()
+        self.params = bl_l2l.meta_params(model)   # the hparams θ; Adam updates them in place
+        self.opt = torch.optim.Adam(self.params.values(), META_LR)
+
+    def meta_grad(self, inner, outer) -> dict[str, torch.Tensor]:
+        # One inner step is not meant to converge: no convergence check.
+        return bl.meta_grad(self.method, self.problem, self.params, inner, outer, on_nonconvergence="ignore").grad
+
+    def step(self, inner, outer) -> None:
+        grad = self.meta_grad(inner, outer)
+        for name, value in self.params.items():
+            value.grad = grad[name]
+        self.opt.step()
+
+    def hparams(self) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.params.items()}
+
+
+def build(data, seed: int = 0):
+    """``(model, learn2learn side, bilevel side, train sampler, validation sampler)``, both sides on one init."""
+    l2l = bl_l2l.load()
+    split = make_split(data, "maml", seed=1)
+    samplers = {name: TaskSampler(data.images, split[name], ways=WAYS, shots=SHOTS, queries=QUERIES,
+                                  rotation="per_task", seed=seed + offset)
+                for name, offset in (("train", 0), ("val", VAL_SEED))}
+    torch.manual_seed(seed)
+    model = l2l.vision.models.OmniglotCNN(output_size=WAYS)
+    # learn2learn's MAML owns (and its Adam updates) the module it wraps: give it a copy.
+    return model, Learn2learnMAML(l2l, copy.deepcopy(model)), BilevelMAML(model), samplers["train"], samplers["val"]
+
+
+def batches(tasks):
+    """``(support batch, query batch)`` of a ``Tasks`` stack, as ``meta_grad`` takes them."""
+    return (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
+
+
+def check_same_start(sides, inner, outer, rtol: float = GRAD_RTOL) -> dict:
+    """Assert that both sides hold the same weights and give the same meta-gradient on ``(inner, outer)``.
+
+    Returns ``{"grad_rel_diff": ‖g_a − g_b‖ / ‖g_a‖ over all parameters, "worst": the parameter with the
+    largest difference, "grad_norm": ‖g_a‖}``.
+
+    Raises:
+        RuntimeError: the initial weights differ, or the meta-gradients differ by more than ``rtol``.
+    """
+    a, b = sides
+    ha, hb = a.hparams(), b.hparams()
+    if ha.keys() != hb.keys() or any(not torch.equal(ha[k], hb[k]) for k in ha):
+        raise RuntimeError(f"check_same_start: {a.name} and {b.name} start from different weights; build both from "
+                           f"one model (build()).")
+    ga, gb = ({k: v.detach().clone() for k, v in side.meta_grad(inner, outer).items()} for side in (a, b))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ga.values()))
+    diff = {k: float(torch.linalg.vector_norm((ga[k] - gb[k]).double()) / norm) for k in ga}
+    rel = float(torch.sqrt(sum(torch.tensor(d) ** 2 for d in diff.values())))
+    worst = max(diff, key=diff.get)
+    if not rel <= rtol:
+        raise RuntimeError(f"check_same_start: the meta-gradients of {a.name} and {b.name} on the first batch differ "
+                           f"by {rel:.2e} relative (> {rtol:.0e}; worst: {worst}); they do not compute the same "
+                           f"thing.")
+    return {"grad_rel_diff": rel, "worst": worst, "grad_norm": float(norm)}
+
+
+def table(results) -> str:
+    """The Markdown table of the ``result`` records."""
+    targets = sorted({t for r in results for t in r["reached"]}, key=float)
+    head = ["implementation", "meta-steps", "wall s / meta-step", "CPU s / meta-step", "best val acc (step)"]
+    head += [f"to {100 * float(t):g} %: wall min / CPU min (step)" for t in targets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        per_step = [("-" if r[k] is None else f"{r[k]:.3f}") for k in ("median_wall_s", "median_cpu_s")]
+        row = [r["impl"], str(r["meta_steps"]), *per_step,
+               f"{100 * r['best_val_acc']:.2f} % ({r['best_step']})"]
+        for t in targets:
+            hit = r["reached"][t]
+            row.append("not reached" if hit is None else
+                       f"{hit['wall_min']:.2f} / {hit['cpu_min']:.2f} ({hit['step']})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None, data=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-minutes", type=float, default=600.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--val-every", type=int, default=100, help="meta-steps between validations")
+    parser.add_argument("--val-tasks", type=int, default=1000, help="fixed validation tasks (5 queries each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--data", default=None, help="Omniglot folder (default: $BILEVEL_DATA, see load_omniglot)")
+    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="validation accuracies")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and training tasks")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "l2l_time_to_accuracy.jsonl")
+    args = parser.parse_args(argv)
+    for key in ("max_minutes", "val_every", "val_tasks", "threads"):
+        if not getattr(args, key) > 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not all(0 <= t <= 1 for t in args.targets):
+        parser.error(f"--targets are accuracies in [0, 1], got {args.targets}")
+    targets = [f"{t:g}" for t in sorted(args.targets)]
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    data = data or load_omniglot(("images_background", "images_evaluation"), args.data)
+    model, l2l_side, bl_side, train, val = build(data, args.seed)
+    sides = (l2l_side, bl_side)
+    val_tasks = val.sample(0, args.val_tasks)
+    val_batches = [batches(val_tasks)]
+    call = bl_l2l.module_call(model)
+
+    first = train.sample(0, META_BATCH)
+    check = check_same_start(sides, *batches(first))   # also the warm-up of both, untimed
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out.open("a")
+
+    def write(record):
+        out.write(json.dumps({"date": date, **record}) + "\n")
+        out.flush()
+
+    write({"kind": "start", "argv": vars(args) | {"out": str(args.out)}, "threads": args.threads,
+           "torch": torch.__version__, "learn2learn": importlib.metadata.version("learn2learn"),
+           "ways": WAYS, "shots": SHOTS, "queries": QUERIES, "meta_batch": META_BATCH, "fast_lr": FAST_LR,
+           "meta_lr": META_LR, "adaptation_steps": ADAPTATION_STEPS, "load": os.getloadavg(), **check})
+    print(f"same initial weights; first meta-gradient: relative difference {check['grad_rel_diff']:.1e} "
+          f"(norm {check['grad_norm']:.3g}, worst {check['worst']})", flush=True)
+
+    names = [s.name for s in sides]
+    clock = {n: {"wall": 0.0, "cpu": 0.0} for n in names}
+    per_step = {n: {"wall": [], "cpu": []} for n in names}
+    reached = {n: dict.fromkeys(targets) for n in names}
+    best = {n: (-1.0, 0) for n in names}
+
+    def validate(step):
+        # One evaluator for both: bilevel's inner solver (the training step) on each side's weights, with the
+        # network run as learn2learn runs it in training mode (module_call), so both are measured alike.
+        accs = {}
+        for side in sides:
+            n = side.name
+            accs[n], ci = accuracy(call, bl_side.problem, side.hparams(), val_batches)
+            best[n] = max(best[n], (accs[n], step), key=lambda b: b[0])
+            for t in targets:
+                if reached[n][t] is None and accs[n] >= float(t):
+                    reached[n][t] = {"step": step, "wall_min": clock[n]["wall"] / 60,
+                                     "cpu_min": clock[n]["cpu"] / 60}
+            write({"kind": "val", "impl": n, "step": step, "val_acc": accs[n], "ci95": ci,
+                   "train_wall_s": clock[n]["wall"], "train_cpu_s": clock[n]["cpu"],
+                   "elapsed_s": time.perf_counter() - start, "load": os.getloadavg()})
+        print(f"step {step}: validation accuracy " + ", ".join(f"{n} {100 * a:.2f} %" for n, a in accs.items()),
+              flush=True)
+
+    step, stopped = 0, "max-minutes"
+    validate(0)
+    while True:
+        if all(v is not None for n in names for v in reached[n].values()):
+            stopped = "targets reached"
+            break
+        if time.perf_counter() - start >= 60 * args.max_minutes:
+            break
+        inner, outer = batches(train.sample(step, META_BATCH))
+        for side in (sides if step % 2 == 0 else sides[::-1]):   # alternate who runs first
+            wall, cpu = time.perf_counter(), time.process_time()
+            side.step(inner, outer)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            clock[side.name]["wall"] += wall
+            clock[side.name]["cpu"] += cpu
+            per_step[side.name]["wall"].append(wall)
+            per_step[side.name]["cpu"].append(cpu)
+        step += 1
+        if step % args.val_every == 0 and time.perf_counter() - start < 60 * args.max_minutes:
+            validate(step)
+
+    results = []
+    for n in names:
+        record = {"kind": "result", "impl": n, "meta_steps": step, "stopped": stopped,
+                  "median_wall_s": statistics.median(per_step[n]["wall"]) if step else None,
+                  "median_cpu_s": statistics.median(per_step[n]["cpu"]) if step else None,
+                  "train_wall_s": clock[n]["wall"], "train_cpu_s": clock[n]["cpu"],
+                  "best_val_acc": best[n][0], "best_step": best[n][1], "reached": reached[n],
+                  "elapsed_s": time.perf_counter() - start, "load": os.getloadavg()}
+        write(record)
+        results.append(record)
+    out.close()
+    print(f"\n{step} meta-steps each, stopped: {stopped}; {args.val_tasks} validation tasks every {args.val_every} "
+          f"meta-steps; {args.threads} thread(s); {date}; -> {args.out}")
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
