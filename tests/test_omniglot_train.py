@@ -341,3 +341,16 @@ def test_imaml_reference_inner_loop_is_the_authors_and_the_default_is_unchanged(
 def test_reference_inner_loop_is_refused_outside_sgd_imaml(override):
     with pytest.raises(ValueError, match="method.inner_loop=reference"):
         load_config("imaml_5w1s", SMALL + ["method.inner_loop=reference", override])
+
+
+def test_skip_task_drops_a_non_finite_task_from_the_accuracy_as_from_the_gradient(small, tmp_path):
+    work = train.build(tiny(tmp_path, "method.name=maml", "meta.on_nonfinite=skip_task", "task.queries=3"), small)
+    hparams = work.model.init_params()
+    tasks = work.samplers["train"].sample(0, 3)
+    support = tasks.support.clone()
+    support[0] = float("nan")                      # task 0 cannot be adapted
+    with pytest.warns(RuntimeWarning, match="skipped 1/3 tasks"):
+        grad, _, acc, out = train.meta_step(work, hparams, tasks._replace(support=support))
+    assert int(out.dropped) == 1 and acc.shape == (2,) and all(torch.isfinite(g).all() for g in grad.values())
+    _, _, clean, _ = train.meta_step(work, hparams, tasks)
+    assert torch.equal(acc, clean[1:])             # the other two tasks' accuracies, unchanged

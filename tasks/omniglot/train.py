@@ -198,6 +198,8 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
                        on_nonfinite="skip_task" if cfg.on_nonfinite == "skip_task" else "ignore")
     with torch.no_grad():
         acc = task_accuracy(work.model, out.params, tasks.query, tasks.query_labels)
+    if out.kept is not None:   # skip_task: a dropped task's weights are non-finite; its accuracy is not a result
+        acc = acc[out.kept]
     return out.grad, out.outer_loss.detach(), acc, out
 
 
@@ -274,12 +276,22 @@ def _plot_curves(path: Path, history: dict, title: str) -> None:
 def _protocol(cfg: DictConfig) -> str:
     d, t, i = cfg.data, cfg.task, cfg.inner
     words = {"any": "from any alphabets", "within_alphabet": "from one alphabet per task"}
+    test_lam = f", proximal lambda {test_reg(cfg):g}" if test_reg(cfg) else ""
     return (f"{t.ways}-way {t.shots}-shot, {t.queries} train / {cfg.eval.queries or t.queries} test queries per "
             f"class; {d.protocol} split (seed {d.split_seed}); classes {words[t.sampling]} (val/test: "
             f"{words[cfg.eval.sampling or t.sampling]}); rotation {d.rotation}; conv4 ({cfg.model.pool} "
-            f"variant) with transductive "
-            f"batch norm (batch statistics of support and query sets, no running statistics); inner "
-            f"{i.solver} lr {i.lr} x {i.steps} steps (test: lr {i.test_lr or i.lr} x {i.test_steps})")
+            f"variant) with transductive batch norm (batch statistics of support and query sets, no running "
+            f"statistics); inner {i.solver} lr {i.lr} x {i.steps} steps{_inner_loss(cfg)} (test: lr "
+            f"{i.test_lr or i.lr} x {i.test_steps}{test_lam})")
+
+
+def _inner_loss(cfg: DictConfig) -> str:
+    m = cfg.method
+    if m.name == "neumann" or (m.name == "imaml" and m.inner_loop == "proximal"):
+        return f" on the proximal loss (lambda {m.reg:g})"
+    if m.name == "imaml":
+        return f" on the plain loss, then one step on the proximal term (lambda {m.reg:g}; the authors' loop)"
+    return ""
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
