@@ -354,3 +354,90 @@ def test_skip_task_drops_a_non_finite_task_from_the_accuracy_as_from_the_gradien
     assert int(out.dropped) == 1 and acc.shape == (2,) and all(torch.isfinite(g).all() for g in grad.values())
     _, _, clean, _ = train.meta_step(work, hparams, tasks)
     assert torch.equal(acc, clean[1:])             # the other two tasks' accuracies, unchanged
+
+
+REPTILE = ["method.name=reptile", "inner.solver=adam", "task.queries=2"]
+
+
+def test_reptile_mini_batches_are_the_references_and_the_inner_loop_is_adam_over_them(small, tmp_path):
+    """openai/supervised-reptile: each inner step sees the next mini-batch of a shuffled stream of the N·K support
+    examples, reshuffled when used up; Adam (beta1 0) runs on across the mini-batches of the task."""
+    from torch.func import functional_call
+    from tasks.omniglot.sampler import TaskSampler
+    steps, size, shots, lr = 7, 3, 2, 0.001       # 21 examples from a support set of 10: 2 shuffles and 1
+    cfg = tiny(tmp_path, *REPTILE, f"task.train_shots={shots}", f"inner.steps={steps}", f"inner.batch={size}",
+               f"inner.lr={lr}", "inner.beta1=0")
+    work = train.build(cfg, small)
+    sampler = work.samplers["train"]
+    tasks = sampler.sample(5, 2)
+    assert tasks.support.shape == (2, steps * size, 1, 28, 28) and tasks.query.shape == (2, 5 * 2, 1, 28, 28)
+    assert all(torch.equal(a, b) for a, b in zip(tasks, sampler.sample(5, 2)))      # the task's seed fixes it
+    # The same tasks without mini-batches (the generator draws the order after the images).
+    plain = TaskSampler(sampler.images[:, 0], range(len(sampler.images)), ways=5, shots=shots, queries=2,
+                        rotation="per_task", seed=sampler.seed).sample(5, 2)
+    assert torch.equal(plain.query, tasks.query)
+    for t in range(2):
+        flat = plain.support[t].flatten(1)
+        rows = [int((flat == x.flatten()).all(1).nonzero()[0]) for x in tasks.support[t]]
+        assert sorted(rows[:10]) == sorted(rows[10:20]) == list(range(10))   # each shuffle: every example once
+        assert rows[:10] != rows[10:20]                      # reshuffled, not repeated
+        assert torch.equal(tasks.support_labels[t], plain.support_labels[t][rows])
+    # float64: the conv biases feed batch norm, so their gradient is 0 in exact arithmetic and Adam turns float32
+    # rounding noise there into steps of +-lr, which differ between any two implementations.
+    hparams = {k: v.double() for k, v in work.model.init_params().items()}
+    tasks = tasks._replace(support=tasks.support.double(), query=tasks.query.double())
+    _, _, _, out = train.meta_step(work, hparams, tasks)
+    for t in range(2):                                       # plain torch: torch.optim.Adam over the mini-batches
+        params = {k: v.detach().clone().requires_grad_() for k, v in hparams.items()}
+        opt = torch.optim.Adam(params.values(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+        for i in range(steps):
+            batch = slice(i * size, (i + 1) * size)
+            logits = functional_call(work.model, params, (tasks.support[t, batch],))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(logits, tasks.support_labels[t, batch]).backward()
+            opt.step()
+        for k in params:
+            torch.testing.assert_close(out.params[k][t], params[k].detach(), rtol=0, atol=1e-6)
+    # The whole support set at every step (inner.batch=null) is another trajectory.
+    whole = train.build(tiny(tmp_path, *REPTILE, f"task.train_shots={shots}", f"inner.steps={steps}",
+                             f"inner.lr={lr}", "inner.beta1=0"), small)
+    assert whole.samplers["train"].sample(5, 2).support.shape == (2, 5 * shots, 1, 28, 28)
+    adapted, _ = whole.problem.solver(whole.problem.inner_loss, dict(hparams), hparams,
+                                      (plain.support[0].double(), plain.support_labels[0]))
+    assert not torch.allclose(adapted["head.weight"], out.params["head.weight"][0], atol=1e-4)
+
+
+def test_train_shots_apply_to_meta_training_tasks_only(small, tmp_path):
+    work = train.build(tiny(tmp_path, *REPTILE, "task.train_shots=3", "task.shots=1"), small)
+    assert work.samplers["train"].sample(0, 2).support.shape == (2, 5 * 3, 1, 28, 28)
+    for split in ("val", "test"):
+        tasks = work.samplers[split].sample(0, 2)
+        assert tasks.support.shape == (2, 5, 1, 28, 28) and tasks.query.shape == (2, 10, 1, 28, 28)
+
+
+@pytest.mark.parametrize("method", ["maml", "fomaml"])
+def test_maml_meta_gradients_are_unchanged_by_the_reptile_keys_at_their_defaults(small, tmp_path, method):
+    from tasks.omniglot.sampler import TaskSampler
+    work = train.build(tiny(tmp_path, f"method.name={method}", "inner.steps=2"), small)
+    sampler = work.samplers["train"]
+    tasks = sampler.sample(3, 2)
+    before = TaskSampler(sampler.images[:, 0], range(len(sampler.images)), ways=5, shots=1, queries=5,
+                         rotation="per_task", seed=sampler.seed).sample(3, 2)   # the sampler's arguments before
+    assert all(torch.equal(a, b) for a, b in zip(tasks, before))
+    hparams = work.model.init_params()
+    loss = train.cross_entropy_loss(work.model)
+    problem = bl.Problem(loss, loss, bl.GradientDescent(lr=0.4, steps=2), init=bl.meta_init)
+    reference = bl.meta_grad(bl.Unrolled() if method == "maml" else bl.FirstOrder(), problem, hparams,
+                             (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)).grad
+    grad = train.meta_step(work, hparams, tasks)[0]
+    assert all(torch.equal(grad[k], reference[k]) for k in hparams)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["inner.batch=10"], "inner.batch=10 with method.name=maml"),
+    (["task.train_shots=20"], "task.train_shots=20"),
+    (["inner.beta1=0"], "inner.beta1=0.0 with inner.solver=gd"),
+])
+def test_reptile_keys_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("demo", SMALL + overrides)

@@ -42,6 +42,8 @@ class TaskConfig:
     ways: int = 5                          # N
     shots: int = 1                         # K support drawings per class
     queries: int = 1                       # Q query drawings per class (MAML reference: Q = K)
+    train_shots: Optional[int] = None      # support drawings per class of meta-training tasks; None: shots
+                                           # (Reptile reference: 10 for every Omniglot setting)
     sampling: str = "any"                  # any: the N classes from any alphabets | within_alphabet: all N
                                            # from one alphabet (Lake et al. 2015), for every split
 
@@ -58,6 +60,10 @@ class InnerConfig:
     lr: float = 0.4                        # inner learning rate (MAML Omniglot: 0.4)
     steps: int = 1                         # inner steps during meta-training
     test_steps: int = 10                   # inner steps at validation / test time (MAML: 10)
+    batch: Optional[int] = None            # reptile: support examples per inner step, drawn as the reference's
+                                           # _mini_batches (reshuffled when used up); None: the whole support set
+    beta1: float = 0.9                     # adam: first-moment decay of the meta-training inner loop (Reptile
+                                           # reference: 0); test-time adaptation keeps 0.9
     test_lr: Optional[float] = None        # None: same as lr
     test_reg: Optional[float] = None       # proximal lambda of test-time adaptation; None: method.reg for imaml and
                                            # neumann (their training inner loss), else 0; 0: the plain loss (the
@@ -179,9 +185,16 @@ def validate(cfg: DictConfig) -> None:
     queries = cfg.eval.queries or t.queries
     _check(t.shots + max(t.queries, queries) <= 20,
            f"task.shots + queries = {t.shots} + {max(t.queries, queries)} > 20 drawings per Omniglot character.")
+    _check(t.train_shots is None or 1 <= t.train_shots <= 20 - t.queries,
+           f"task.train_shots={t.train_shots}; use null (task.shots) or 1 .. 20 - task.queries ({20 - t.queries}).")
     _check(cfg.inner.solver in ("gd", "adam"), f"inner.solver={cfg.inner.solver!r}; use gd or adam.")
     _check(cfg.inner.lr > 0 and (cfg.inner.test_lr is None or cfg.inner.test_lr > 0), "inner.lr must be > 0.")
     _check(cfg.inner.steps >= 1 and cfg.inner.test_steps >= 1, "inner.steps and inner.test_steps must be >= 1.")
+    _check(cfg.inner.batch is None or (cfg.inner.batch >= 1 and cfg.method.name == "reptile"),
+           f"inner.batch={cfg.inner.batch} with method.name={cfg.method.name}; inner mini-batches are Reptile's "
+           f"(method.name=reptile, inner.batch >= 1); use inner.batch=null.")
+    _check(0 <= cfg.inner.beta1 < 1 and (cfg.inner.beta1 == 0.9 or cfg.inner.solver == "adam"),
+           f"inner.beta1={cfg.inner.beta1} with inner.solver={cfg.inner.solver}; beta1 is Adam's, in [0, 1).")
     _check(cfg.inner.test_reg is None or cfg.inner.test_reg >= 0,
            f"inner.test_reg={cfg.inner.test_reg}; use null (the training inner loss) or a value >= 0.")
     m = cfg.method

@@ -11,6 +11,10 @@ code), or not used (``"none"``).
 Classes come from any alphabets (``alphabets=None``), or all N classes of a task from one alphabet (Lake et al.'s
 one-shot protocol): an alphabet is drawn uniformly among those with at least N classes, the others are skipped
 (:attr:`TaskSampler.skipped` names them).
+
+With ``batches=(count, size)`` the support set is returned as the inner loop's stream of ``count`` mini-batches of
+``size`` (Reptile's reference, openai/supervised-reptile ``_mini_batches``): the N·K examples are shuffled, cut
+into consecutive mini-batches, and reshuffled whenever they run out (a mini-batch may straddle two shuffles).
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class TaskSampler:
         seed: seed of the task stream (independent of the global RNG).
         alphabets: ``None`` (classes from any alphabet) or the alphabet of each character of ``pool``: every task
             then draws its N classes from one alphabet.
+        batches: ``None`` (the support set, class-major) or ``(count, size)``: the support is then ``count``
+            consecutive mini-batches of ``size`` examples, ``[tasks, count*size, ...]`` (see the module docstring),
+            drawn from the task's own generator after its images.
 
     Raises:
         ValueError: N larger than the classes available (in every alphabet, when sampling within alphabets),
@@ -63,12 +70,14 @@ class TaskSampler:
     """
 
     def __init__(self, images: torch.Tensor, pool, *, ways: int, shots: int, queries: int,
-                 rotation: str = "none", seed: int = 0, alphabets=None):
+                 rotation: str = "none", seed: int = 0, alphabets=None, batches=None):
         pool = torch.as_tensor(list(pool), dtype=torch.long)
         if rotation not in ROTATIONS:
             raise ValueError(f"TaskSampler: rotation={rotation!r}; choose one of {ROTATIONS}.")
         if min(ways, shots, queries) < 1:
             raise ValueError(f"TaskSampler: ways, shots and queries must be >= 1, got {ways}, {shots}, {queries}.")
+        if batches is not None and (len(batches) != 2 or min(batches) < 1):
+            raise ValueError(f"TaskSampler: batches={batches!r}; use None or (count, size) with both >= 1.")
         classes = len(pool) * (4 if rotation == "classes" else 1)
         if ways > classes:
             raise ValueError(f"TaskSampler: {ways}-way tasks need {ways} classes but this split has {classes} "
@@ -100,6 +109,7 @@ class TaskSampler:
         self.images = torch.stack([torch.rot90(images[pool], k, dims=(-2, -1)) for k in range(4)], 1)
         self.num_classes, self.drawings = classes, drawings
         self.ways, self.shots, self.queries, self.rotation, self.seed = ways, shots, queries, rotation, seed
+        self.batches = None if batches is None else tuple(batches)
 
     def _task(self, step: int, index: int):
         seed = int(np.random.SeedSequence([self.seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
@@ -117,15 +127,25 @@ class TaskSampler:
         else:
             char, rot = cls, torch.zeros(n, dtype=torch.long)
         draw = torch.rand(n, self.drawings, generator=g).argsort(1)[:, :m]
-        return self.images[char[:, None], rot[:, None], draw]          # [N, K+Q, H, W]
+        order = None
+        if self.batches is not None:   # after the images: the tasks themselves do not depend on batches
+            count, size = self.batches
+            epochs = -(-count * size // (n * self.shots))
+            order = torch.cat([torch.randperm(n * self.shots, generator=g) for _ in range(epochs)])[:count * size]
+        return self.images[char[:, None], rot[:, None], draw], order   # [N, K+Q, H, W], [count*size] or None
 
     def sample(self, step: int, tasks: int, start: int = 0) -> Tasks:
         """Tasks ``start .. start+tasks-1`` of meta-step ``step`` (the same whatever else was sampled before)."""
-        x = torch.stack([self._task(step, start + i) for i in range(tasks)]).float().div_(255).unsqueeze(3)
+        drawn = [self._task(step, start + i) for i in range(tasks)]
+        x = torch.stack([images for images, _ in drawn]).float().div_(255).unsqueeze(3)
         k = self.shots
         n, h, w = self.ways, x.shape[-2], x.shape[-1]
         labels = torch.arange(n)
-        return Tasks(
-            x[:, :, :k].reshape(tasks, n * k, 1, h, w), labels.repeat_interleave(k).expand(tasks, -1).contiguous(),
-            x[:, :, k:].reshape(tasks, n * self.queries, 1, h, w),
-            labels.repeat_interleave(self.queries).expand(tasks, -1).contiguous())
+        support = x[:, :, :k].reshape(tasks, n * k, 1, h, w)
+        support_labels = labels.repeat_interleave(k).expand(tasks, -1).contiguous()
+        if self.batches is not None:
+            order = torch.stack([o for _, o in drawn])
+            support = torch.stack([s[o] for s, o in zip(support, order)])
+            support_labels = torch.gather(support_labels, 1, order)
+        return Tasks(support, support_labels, x[:, :, k:].reshape(tasks, n * self.queries, 1, h, w),
+                     labels.repeat_interleave(self.queries).expand(tasks, -1).contiguous())

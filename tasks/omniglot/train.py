@@ -86,6 +86,28 @@ class PullBack(bl.InnerSolver):
         return {k: w - self.lr * self.reg * (w - hparams[k]) for k, w in params.items()}, info
 
 
+@dataclass(frozen=True)
+class MiniBatches(bl.InnerSolver):
+    """The inner loop of the Reptile authors' code (openai/supervised-reptile, ``Reptile.train_step``): step ``i``
+    of ``solver`` sees only examples ``i·size .. (i+1)·size − 1`` of the support, which the training sampler lays
+    out as the reference's ``_mini_batches`` stream (``TaskSampler(batches=(steps, size))``).
+
+    The optimizer state runs on across the mini-batches of a task and starts afresh for every task (the reference
+    keeps Adam's second moment across all tasks; here each task's solve stays a function of that task alone).
+    """
+
+    solver: bl.InnerSolver = None
+    size: int = 1
+
+    def __call__(self, inner_loss, params0, hparams, batch):
+        images, labels = batch
+        params, state, info = params0, None, None
+        for i in range(self.steps):
+            chunk = (images[i * self.size:(i + 1) * self.size], labels[i * self.size:(i + 1) * self.size])
+            params, state, info = self.solver.run(inner_loss, params, hparams, chunk, steps=1, state=state, info=info)
+        return params, info
+
+
 def make_method(cfg: DictConfig, model: Conv4):
     """``(problem, method, test_solver, test_loss)`` for ``cfg.method.name`` (the methods' registry).
 
@@ -102,6 +124,10 @@ def make_method(cfg: DictConfig, model: Conv4):
         inner_loss = loss
     make_solver = bl.Adam if inner.solver == "adam" else bl.GradientDescent
     solver = make_solver(lr=inner.lr, steps=inner.steps)
+    if inner.solver == "adam" and inner.beta1 != 0.9:   # the default keeps bl.Adam() as it was
+        solver = bl.Adam(lr=inner.lr, steps=inner.steps, betas=(inner.beta1, 0.999))
+    if inner.batch is not None:   # Reptile only (validate): one step per mini-batch of the sampler's stream
+        solver = MiniBatches(steps=inner.steps, solver=solver, size=inner.batch)
     test_solver = make_solver(lr=inner.test_lr or inner.lr, steps=inner.test_steps)
     method = {
         "maml": lambda: bl.Unrolled(truncate=m.truncate),
@@ -135,9 +161,13 @@ def build(cfg: DictConfig, data=None) -> Workload:
                                 ("test", TEST_SEED, eval_queries)):
         within = sampling[name] == "within_alphabet"
         alphabets = [alphabet(data.characters[i]) for i in split[name]] if within else None
+        train = name == "train"   # meta-training tasks: task.train_shots, inner.batch mini-batches (Reptile)
+        shots = (t.train_shots or t.shots) if train else t.shots
+        batches = (cfg.inner.steps, cfg.inner.batch) if train and cfg.inner.batch else None
         try:
-            samplers[name] = TaskSampler(data.images, split[name], ways=t.ways, shots=t.shots, queries=queries,
-                                         rotation=d.rotation, seed=cfg.run.seed + seed, alphabets=alphabets)
+            samplers[name] = TaskSampler(data.images, split[name], ways=t.ways, shots=shots, queries=queries,
+                                         rotation=d.rotation, seed=cfg.run.seed + seed, alphabets=alphabets,
+                                         batches=batches)
         except ValueError as err:
             raise ValueError(f"{name} split ({d.protocol} protocol): {err}") from None
         if samplers[name].skipped and cfg.run.progress:
