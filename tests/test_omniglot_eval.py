@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tasks.omniglot import train
 from tasks.omniglot.config import load_config
@@ -130,3 +131,13 @@ def test_report_gives_time_to_accuracy_and_the_test_and_keeps_a_finished_run_s_c
     assert rows[3].endswith("| not yet | not yet | – |")
     assert (tmp_path / "done" / "curves.png").read_bytes() == b"the test's own plot"
     assert (tmp_path / "training" / "curves.png").stat().st_size > 1000 and (tmp_path / "all.png").is_file()
+
+
+def test_reptile_adapts_at_test_time_with_its_adam_beta1_in_the_script_and_the_inference_api(trained, tmp_path):
+    _, _, small = trained
+    cfg = load_config("reptile_5w1s", SMALL + [f"run.dir={tmp_path}"])
+    work = train.build(cfg, small)
+    assert cfg.inner.beta1 == 0 and work.test_solver.betas == (0.0, 0.999)
+    state = {"hparams": work.model.init_params(), "config": OmegaConf.to_container(cfg), "step": 0}
+    torch.save(state, tmp_path / "best.pt")
+    assert FewShotClassifier.load(tmp_path / "best.pt").solver.betas == (0.0, 0.999)

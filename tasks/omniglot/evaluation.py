@@ -33,9 +33,11 @@ EVAL_KEYS = ("inner.test_lr", "inner.test_steps", "inner.test_reg", "eval.", "da
 
 
 def test_solver(cfg: DictConfig, lr: float, steps: int):
-    """The inner solver used at test time (the training solver's kind, with test-time lr and steps)."""
-    make = bl.Adam if cfg.inner.solver == "adam" else bl.GradientDescent
-    return make(lr=lr, steps=steps)
+    """The config's inner solver (``inner.solver``; Adam with ``inner.beta1``) with the given lr and steps: the
+    training solver before any mini-batching, and the test-time one."""
+    if cfg.inner.solver == "adam":
+        return bl.Adam(lr=lr, steps=steps, betas=(cfg.inner.beta1, 0.999))
+    return bl.GradientDescent(lr=lr, steps=steps)
 
 
 def test_reg(cfg: DictConfig) -> float:

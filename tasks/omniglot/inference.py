@@ -151,7 +151,7 @@ class FewShotClassifier:
         inner_lr, inner_steps: the test-time inner solver (gradient descent on the support loss); at least one
             step, since the meta-learned head rows are not tied to any class before adaptation.
         reg: iMAML's proximal strength when the checkpoint was meta-trained with it (``None`` otherwise).
-        solver: ``"gd"`` or ``"adam"``.
+        solver: ``"gd"`` or ``"adam"``; ``beta1``: Adam's first-moment decay (Reptile's configs: 0).
         pool: the conv4 variant the weights belong to (``model.pool`` of the training config).
 
     Raises:
@@ -159,7 +159,7 @@ class FewShotClassifier:
     """
 
     def __init__(self, hparams: dict, inner_lr: float, inner_steps: int, reg: float | None = None,
-                 solver: str = "gd", pool: str = "stride"):
+                 solver: str = "gd", pool: str = "stride", beta1: float = 0.9):
         for name, value in hparams.items():
             _check_finite(f"weights {name}", value, "the checkpoint comes from a diverged run; use an earlier one.")
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -170,8 +170,10 @@ class FewShotClassifier:
         ways, channels = hparams["head.weight"].shape
         self.hparams, self.ways = {k: v.detach() for k, v in hparams.items()}, ways
         self.channels, self.reg, self.pool, self.inner_lr = channels, reg, pool, inner_lr
-        make = bl.Adam if solver == "adam" else bl.GradientDescent
-        self.solver = make(lr=inner_lr, steps=inner_steps)
+        if solver == "adam":
+            self.solver = bl.Adam(lr=inner_lr, steps=inner_steps, betas=(beta1, 0.999))
+        else:
+            self.solver = bl.GradientDescent(lr=inner_lr, steps=inner_steps)
 
     @classmethod
     def load(cls, path: str | Path, inner_steps: int | None = None, inner_lr: float | None = None):
@@ -194,7 +196,7 @@ class FewShotClassifier:
         chosen = state.get("test_adaptation") or {}   # chosen on validation tasks at the end of training
         lr = inner_lr if inner_lr is not None else chosen.get("lr") or inner["test_lr"] or inner["lr"]
         steps = inner_steps if inner_steps is not None else chosen.get("steps") or inner["test_steps"]
-        return cls(state["hparams"], lr, steps, reg, inner["solver"], pool)
+        return cls(state["hparams"], lr, steps, reg, inner["solver"], pool, inner.get("beta1", 0.9))
 
     def adapt(self, images, labels: Sequence[Hashable]) -> AdaptedTask:
         """Fine-tune on a support set of any N-way K-shot task; ``labels`` may be any hashable values.

@@ -122,13 +122,10 @@ def make_method(cfg: DictConfig, model: Conv4):
         inner_loss = bl.proximal(loss, m.reg)
     else:
         inner_loss = loss
-    make_solver = bl.Adam if inner.solver == "adam" else bl.GradientDescent
-    solver = make_solver(lr=inner.lr, steps=inner.steps)
-    if inner.solver == "adam" and inner.beta1 != 0.9:   # the default keeps bl.Adam() as it was
-        solver = bl.Adam(lr=inner.lr, steps=inner.steps, betas=(inner.beta1, 0.999))
+    solver = test_solver(cfg, inner.lr, inner.steps)
     if inner.batch is not None:   # Reptile only (validate): one step per mini-batch of the sampler's stream
         solver = MiniBatches(steps=inner.steps, solver=solver, size=inner.batch)
-    test_solver = make_solver(lr=inner.test_lr or inner.lr, steps=inner.test_steps)
+    adapt = test_solver(cfg, inner.test_lr or inner.lr, inner.test_steps)
     method = {
         "maml": lambda: bl.Unrolled(truncate=m.truncate),
         "fomaml": lambda: bl.FirstOrder(),
@@ -143,7 +140,7 @@ def make_method(cfg: DictConfig, model: Conv4):
         method = dataclasses.replace(method, condition=bl.stationarity(bl.proximal(loss, m.reg)))
     reg = test_reg(cfg)
     test_loss = bl.proximal(loss, reg) if reg else loss
-    return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, test_solver, test_loss
+    return bl.Problem(inner_loss, loss, solver, init=bl.meta_init), method, adapt, test_loss
 
 
 def build(cfg: DictConfig, data=None) -> Workload:
