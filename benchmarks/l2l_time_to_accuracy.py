@@ -173,6 +173,7 @@ def table(results) -> str:
 def main(argv=None, data=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-minutes", type=float, default=600.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--max-steps", type=int, default=None, help="meta-steps of each (default: no limit)")
     parser.add_argument("--val-every", type=int, default=100, help="meta-steps between validations")
     parser.add_argument("--val-tasks", type=int, default=1000, help="fixed validation tasks (5 queries each)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -184,6 +185,8 @@ def main(argv=None, data=None):
     for key in ("max_minutes", "val_every", "val_tasks", "threads"):
         if not getattr(args, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be positive, got {args.max_steps}")
     if not all(0 <= t <= 1 for t in args.targets):
         parser.error(f"--targets are accuracies in [0, 1], got {args.targets}")
     targets = [f"{t:g}" for t in sorted(args.targets)]
@@ -245,6 +248,9 @@ def main(argv=None, data=None):
             stopped = "targets reached"
             break
         if time.perf_counter() - start >= 60 * args.max_minutes:
+            break
+        if args.max_steps is not None and step >= args.max_steps:
+            stopped = "max-steps"
             break
         inner, outer = batches(train.sample(step, META_BATCH))
         for side in (sides if step % 2 == 0 else sides[::-1]):   # alternate who runs first

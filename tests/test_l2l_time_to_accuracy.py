@@ -48,23 +48,20 @@ def test_same_weights_and_meta_gradient_on_the_first_batch(data):
 
 def test_short_run_reports_reached_and_not_reached(data, tmp_path, capsys):
     out = tmp_path / "tta.jsonl"
-    results = tta.main(["--max-minutes", "0.1", "--val-every", "1", "--val-tasks", "4", "--targets", "0", "0.999",
+    # a step budget, not a time budget: how far a run gets in some seconds depends on the machine's load
+    results = tta.main(["--max-steps", "2", "--val-every", "1", "--val-tasks", "4", "--targets", "0", "0.999",
                         "--out", str(out)], data=data)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["kind"] for r in records][0] == "start" and records[0]["grad_rel_diff"] <= 1e-5
     assert [r["impl"] for r in records if r["kind"] == "result"] == ["learn2learn", "bilevel"]
     vals = [r for r in records if r["kind"] == "val"]
-    steps = results[0]["meta_steps"]
-    val_steps = sorted({r["step"] for r in vals})   # every meta-step; the last one's is skipped past the budget
-    assert steps >= 1 and val_steps == list(range(len(val_steps))) and len(val_steps) in (steps, steps + 1)
-    assert len(vals) == 2 * len(val_steps)
+    assert sorted({r["step"] for r in vals}) == [0, 1, 2] and len(vals) == 2 * 3   # both, at every meta-step
     for r in results:
-        assert r["stopped"] == "max-minutes" and r["meta_steps"] == steps
+        assert r["stopped"] == "max-steps" and r["meta_steps"] == 2
         # accuracy >= 0 holds at the validation before training: reached at step 0 after 0 minutes
         assert r["reached"]["0"] == {"step": 0, "wall_min": 0.0, "cpu_min": 0.0}
         assert r["reached"]["0.999"] is None   # random pixels: query drawings are unrelated to support drawings
         assert r["median_cpu_s"] > 0 and r["train_cpu_s"] >= r["median_cpu_s"]
-        assert r["elapsed_s"] < 6 + 30   # the budget, plus at most one round (a busy machine: generous)
     printed = capsys.readouterr().out
     assert printed.count("not reached") == 2 and "| learn2learn | " in printed and "| bilevel | " in printed
 
