@@ -84,7 +84,7 @@ def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(small):
     row_of = {small.images[i, d].numpy().tobytes(): i for i in pool for d in range(small.images.shape[1])}
     seen = set()
     for step in range(30):
-        x = sampler._task(step, 0)                                    # [N, K+Q, H, W]
+        x, _ = sampler._task(step, 0)                                 # [N, K+Q, H, W], no mini-batches
         rows = [row_of[x[c, 0].numpy().tobytes()] for c in range(ways)]
         alphabets = {names[r] for r in rows}
         assert len(alphabets) == 1 and len(set(rows)) == ways
