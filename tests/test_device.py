@@ -342,17 +342,22 @@ def test_bilevel_imports_without_the_private_functorch_calls():
     assert run.stdout.split() == ["False", "False", "False", "[True]"]
 
 
-@pytest.mark.parametrize("stack", [True, False], ids=["interpreter_stack", "no_interpreter_stack"])
-def test_qp_without_the_private_api_runs_the_whole_budget_with_the_same_result(monkeypatch, stack):
-    reference = qp_outputs()
-    calls = {"n": 0}
-    kkt = qp_module._kkt_matrix
+def _count_calls(monkeypatch, module, name: str) -> dict:
+    """Replace ``module.name`` by a wrapper that counts its calls in the returned ``{"n": ...}``."""
+    calls, real = {"n": 0}, getattr(module, name)
 
     def counted(*args):
         calls["n"] += 1
-        return kkt(*args)
+        return real(*args)
 
-    monkeypatch.setattr(qp_module, "_kkt_matrix", counted)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["interpreter_stack", "no_interpreter_stack"])
+def test_qp_without_the_private_api_runs_the_whole_budget_with_the_same_result(monkeypatch, stack):
+    reference = qp_outputs()
+    calls = _count_calls(monkeypatch, qp_module, "_kkt_matrix")
     qp_outputs()
     fast, calls["n"] = calls["n"], 0
     monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
@@ -365,14 +370,7 @@ def test_qp_without_the_private_api_runs_the_whole_budget_with_the_same_result(m
 def test_odeint_without_the_private_api_runs_the_whole_budget_with_the_same_result(monkeypatch, adjoint):
     kw = dict(max_steps=40)
     reference, fixed = ode_outputs(adjoint, **kw), ode_outputs(adjoint, method="rk4", step_size=0.1)
-    calls = {"n": 0}
-    step = ode_module._dopri_step
-
-    def counted(*args):
-        calls["n"] += 1
-        return step(*args)
-
-    monkeypatch.setattr(ode_module, "_dopri_step", counted)
+    calls = _count_calls(monkeypatch, ode_module, "_dopri_step")
     ode_outputs(adjoint, **kw)
     fast, calls["n"] = calls["n"], 0
     monkeypatch.setattr(_host, "_CAN_UNWRAP", False)
