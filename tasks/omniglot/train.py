@@ -43,6 +43,7 @@ from .config import OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
 from .evaluation import evaluate_only, select_test_adaptation, test_reg, test_solver
 from .model import Conv4, cross_entropy_loss
+from .solvers import MiniBatches, PullBack
 from .run_folder import (DivergenceError, RunFolder, check_resume, check_step, load_checkpoint,
                          weights_norm)
 from .sampler import TaskSampler, Tasks
@@ -65,47 +66,6 @@ class Workload:
     test_loss: Callable            # the inner loss of test-time adaptation (inner.test_reg)
     samplers: dict[str, TaskSampler]
     device: torch.device = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class PullBack(bl.InnerSolver):
-    """The inner loop of the iMAML authors' code (aravindr93/imaml_dev, examples/omniglot_implicit_maml.py):
-    ``steps`` gradient steps of size ``lr`` on ``inner_loss`` (their ``learn_task``, on the plain task loss), then
-    one more step of the same size on the proximal term ``reg/2 ||w − θ||²`` alone: ``w ← w − lr·reg·(w − θ)``.
-
-    The returned ``SolveInfo`` is that of the gradient steps. Only the call is defined (what ``Implicit`` uses);
-    ``Unrolled`` would need ``run``.
-    """
-
-    lr: float = 0.1
-    reg: float = 1.0
-
-    def __call__(self, inner_loss, params0, hparams, batch):
-        descent = bl.GradientDescent(lr=self.lr, steps=self.steps, tol=self.tol, rtol=self.rtol)
-        params, info = descent(inner_loss, params0, hparams, batch)
-        return {k: w - self.lr * self.reg * (w - hparams[k]) for k, w in params.items()}, info
-
-
-@dataclass(frozen=True)
-class MiniBatches(bl.InnerSolver):
-    """The inner loop of the Reptile authors' code (openai/supervised-reptile, ``Reptile.train_step``): step ``i``
-    of ``solver`` sees only examples ``i·size .. (i+1)·size − 1`` of the support, which the training sampler lays
-    out as the reference's ``_mini_batches`` stream (``TaskSampler(batches=(steps, size))``).
-
-    The optimizer state runs on across the mini-batches of a task and starts afresh for every task (the reference
-    keeps Adam's second moment across all tasks; here each task's solve stays a function of that task alone).
-    """
-
-    solver: bl.InnerSolver = None
-    size: int = 1
-
-    def __call__(self, inner_loss, params0, hparams, batch):
-        images, labels = batch
-        params, state, info = params0, None, None
-        for i in range(self.steps):
-            chunk = (images[i * self.size:(i + 1) * self.size], labels[i * self.size:(i + 1) * self.size])
-            params, state, info = self.solver.run(inner_loss, params, hparams, chunk, steps=1, state=state, info=info)
-        return params, info
 
 
 def make_method(cfg: DictConfig, model: Conv4):
