@@ -168,6 +168,16 @@ def load_config(name: str | None = "demo", overrides: list[str] | tuple[str, ...
     return base.load_named(OmniglotConfig, CONFIG_DIR, name, overrides, validate)
 
 
+PROXIMAL = ("imaml", "neumann")   # the methods whose inner loss is iMAML's proximal one
+
+
+def test_reg(cfg: DictConfig) -> float:
+    """The proximal lambda of test-time adaptation: ``inner.test_reg``, else the training inner loss's."""
+    if cfg.inner.test_reg is not None:
+        return float(cfg.inner.test_reg)
+    return float(cfg.method.reg) if cfg.method.name in PROXIMAL else 0.0
+
+
 _check = base.check  # raises tasks.config.ConfigError (a ValueError): "invalid config: <message>"
 
 

@@ -20,31 +20,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import bilevel as bl
-
-from .config import OmniglotConfig, validate
+from .config import PROXIMAL, OmniglotConfig, test_reg, validate
 from .data import _atomic_write
+from .solvers import inner_solver
 
 __all__ = ["test_solver", "test_reg", "select_test_adaptation", "evaluate_only", "EVAL_KEYS"]
 
 # What an evaluate-only run may change on the command line: how to test, not what was trained.
-EVAL_KEYS = ("inner.test_lr", "inner.test_steps", "inner.test_reg", "eval.", "data.root", "data.download", "data.cache",
-             "run.dir", "run.name", "run.threads", "run.device", "run.progress", "wandb.")
+EVAL_KEYS = ("inner.test_lr", "inner.test_steps", "inner.test_reg", "eval.", "data.root", "data.download",
+             "data.cache", "run.dir", "run.name", "run.threads", "run.device", "run.progress", "wandb.")
 
 
 def test_solver(cfg: DictConfig, lr: float, steps: int):
     """The config's inner solver (``inner.solver``; Adam with ``inner.beta1``) with the given lr and steps: the
     training solver before any mini-batching, and the test-time one."""
-    if cfg.inner.solver == "adam":
-        return bl.Adam(lr=lr, steps=steps, betas=(cfg.inner.beta1, 0.999))
-    return bl.GradientDescent(lr=lr, steps=steps)
-
-
-def test_reg(cfg: DictConfig) -> float:
-    """The proximal lambda of test-time adaptation: ``inner.test_reg``, else the training inner loss's."""
-    if cfg.inner.test_reg is not None:
-        return float(cfg.inner.test_reg)
-    return float(cfg.method.reg) if cfg.method.name in ("imaml", "neumann") else 0.0
+    return inner_solver(cfg.inner.solver, lr, steps, cfg.inner.beta1)
 
 
 def select_test_adaptation(work, hparams, evaluate) -> dict:
@@ -113,7 +103,7 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
         "trained_steps": state["step"], "test": test, "test_adaptation": adaptation,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "overrides": list(overrides),
     }
-    proximal = adaptation["reg"] or cfg.method.name in ("imaml", "neumann")
+    proximal = adaptation["reg"] or cfg.method.name in PROXIMAL
     reg = f"-reg{adaptation['reg']:g}" if proximal else ""
     name = f"eval-step{chosen['step']}-lr{adaptation['lr']:g}x{adaptation['steps']}{reg}.json"
     path = _unique(run_dir / name)

@@ -31,13 +31,16 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.func import functional_call, vmap
 
 import bilevel as bl
 
+from .config import OmniglotConfig, test_reg
 from .model import Conv4, cross_entropy_loss
 from .run_folder import load_checkpoint
+from .solvers import inner_solver
 
 __all__ = ["FewShotClassifier", "AdaptedTask", "load_images"]
 
@@ -170,10 +173,7 @@ class FewShotClassifier:
         ways, channels = hparams["head.weight"].shape
         self.hparams, self.ways = {k: v.detach() for k, v in hparams.items()}, ways
         self.channels, self.reg, self.pool, self.inner_lr = channels, reg, pool, inner_lr
-        if solver == "adam":
-            self.solver = bl.Adam(lr=inner_lr, steps=inner_steps, betas=(beta1, 0.999))
-        else:
-            self.solver = bl.GradientDescent(lr=inner_lr, steps=inner_steps)
+        self.solver = inner_solver(solver, inner_lr, inner_steps, beta1)
 
     @classmethod
     def load(cls, path: str | Path, inner_steps: int | None = None, inner_lr: float | None = None):
@@ -188,15 +188,14 @@ class FewShotClassifier:
         if not isinstance(cfg, dict) or not {"inner", "method"} <= set(cfg):
             raise ValueError(f"{path}: no training config in the checkpoint; build FewShotClassifier(hparams, ...) "
                              f"directly instead.")
+        full = OmegaConf.merge(OmegaConf.structured(OmniglotConfig), cfg)   # older checkpoints: today's defaults
         inner = cfg["inner"]
-        reg = inner.get("test_reg")    # None (and checkpoints from before inner.test_reg): the training inner loss
-        if reg is None:
-            reg = cfg["method"]["reg"] if cfg["method"]["name"] in ("imaml", "neumann") else None
+        reg = test_reg(full) or None
         pool = (cfg.get("model") or {}).get("pool", "max")   # checkpoints from before model.pool: max-pool
         chosen = state.get("test_adaptation") or {}   # chosen on validation tasks at the end of training
         lr = inner_lr if inner_lr is not None else chosen.get("lr") or inner["test_lr"] or inner["lr"]
         steps = inner_steps if inner_steps is not None else chosen.get("steps") or inner["test_steps"]
-        return cls(state["hparams"], lr, steps, reg, inner["solver"], pool, inner.get("beta1", 0.9))
+        return cls(state["hparams"], lr, steps, reg, inner["solver"], pool, full.inner.beta1)
 
     def adapt(self, images, labels: Sequence[Hashable]) -> AdaptedTask:
         """Fine-tune on a support set of any N-way K-shot task; ``labels`` may be any hashable values.

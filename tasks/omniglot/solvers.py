@@ -1,6 +1,7 @@
 """Inner loops of the papers' reference code that are not plain gradient descent or Adam on the support set.
 
-``PullBack`` is the iMAML authors' inner loop (``method.inner_loop=reference``), ``MiniBatches`` the Reptile
+``inner_solver`` builds the configs' plain ones (training, test and inference alike); ``PullBack`` is the iMAML
+authors' inner loop (``method.inner_loop=reference``), ``MiniBatches`` the Reptile
 authors' (``inner.batch``); both wrap the engine's solvers.
 """
 
@@ -10,7 +11,14 @@ from dataclasses import dataclass
 
 import bilevel as bl
 
-__all__ = ["PullBack", "MiniBatches"]
+__all__ = ["inner_solver", "PullBack", "MiniBatches"]
+
+
+def inner_solver(kind: str, lr: float, steps: int, beta1: float = 0.9) -> bl.InnerSolver:
+    """``"gd"``: gradient descent; ``"adam"``: Adam with first-moment decay ``beta1`` (Reptile's reference: 0)."""
+    if kind == "adam":
+        return bl.Adam(lr=lr, steps=steps, betas=(beta1, 0.999))
+    return bl.GradientDescent(lr=lr, steps=steps)
 
 
 @dataclass(frozen=True)

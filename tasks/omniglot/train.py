@@ -39,7 +39,7 @@ import bilevel as bl
 from . import distributed as dist
 from tasks.config import parse_cli, resolve_device
 
-from .config import OmniglotConfig, load_config
+from .config import PROXIMAL, OmniglotConfig, load_config
 from .data import _atomic_write, load_omniglot
 from .evaluation import evaluate_only, select_test_adaptation, test_reg, test_solver
 from .model import Conv4, cross_entropy_loss
@@ -78,7 +78,7 @@ def make_method(cfg: DictConfig, model: Conv4):
     """
     m, inner = cfg.method, cfg.inner
     loss = cross_entropy_loss(model)
-    if m.name in ("imaml", "neumann"):  # both solve iMAML's proximal inner problem; they differ in the linear solve
+    if m.name in PROXIMAL:  # both solve iMAML's proximal inner problem; they differ in the linear solve
         inner_loss = bl.proximal(loss, m.reg)
     else:
         inner_loss = loss
