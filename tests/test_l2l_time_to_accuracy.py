@@ -1,5 +1,7 @@
 """benchmarks/l2l_time_to_accuracy.py: both sides start alike and agree on the first meta-gradient; a short run
-reports a reached and an unreached target honestly and stops at its budget.
+reports a reached and an unreached target honestly and stops at its budget; an experiment run in two sessions
+ends with the weights of one run in one session, its clocks added up; checkpoints are neither overwritten nor
+resumed with other options; a signal ends a session at the next round boundary.
 
 Synthetic images (1,210 characters of random pixels: the MAML split needs more than 1,200), so no download.
 """
@@ -8,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 
 import pytest
 import torch
@@ -59,11 +62,13 @@ def test_short_run_reports_reached_and_not_reached(data, tmp_path, capsys):
     for r in results:
         assert r["stopped"] == "max-steps" and r["meta_steps"] == 2
         # accuracy >= 0 holds at the validation before training: reached at step 0 after 0 minutes
-        assert r["reached"]["0"] == {"step": 0, "wall_min": 0.0, "cpu_min": 0.0}
+        hit = r["reached"]["0"]
+        assert (hit["step"], hit["wall_min"], hit["cpu_min"]) == (0, 0.0, 0.0) and hit["experiment_min"] > 0
         assert r["reached"]["0.999"] is None   # random pixels: query drawings are unrelated to support drawings
         assert r["median_cpu_s"] > 0 and r["train_cpu_s"] >= r["median_cpu_s"]
     printed = capsys.readouterr().out
     assert printed.count("not reached") == 2 and "| learn2learn | " in printed and "| bilevel | " in printed
+    assert (tmp_path / "tta.ckpt.pt").exists()   # the default checkpoint, beside --out
 
 
 def test_bad_options_are_named(data, tmp_path, capsys):
@@ -73,3 +78,109 @@ def test_bad_options_are_named(data, tmp_path, capsys):
             tta.main(argv + ["--out", str(tmp_path / "x.jsonl")], data=data)
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+SHORT = ["--val-every", "1", "--val-tasks", "4", "--targets", "0.999"]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_state(a, b):
+    """Two nested checkpoint values hold equal tensors and values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.fixture(scope="module")
+def sessions(data, tmp_path_factory):
+    """One experiment of 4 meta-steps in two sessions of 2 (``a``), and in one session (``b``)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    a, b = tmp / "a.jsonl", tmp / "b.jsonl"
+    tta.main(["--max-steps", "2", *SHORT, "--out", str(a)], data=data)
+    first = (tmp / "a.ckpt.pt").read_bytes()
+    resumed = tta.main(["--max-steps", "2", *SHORT, "--out", str(a), "--resume"], data=data)
+    whole = tta.main(["--max-steps", "4", *SHORT, "--out", str(b)], data=data)
+    return {"a": a, "b": b, "ckpt": tmp / "a.ckpt.pt", "first": first, "resumed": resumed, "whole": whole}
+
+
+def test_resumed_experiment_ends_with_the_weights_of_one_session(sessions, tmp_path):
+    (tmp_path / "first.pt").write_bytes(sessions["first"])
+    first = torch.load(tmp_path / "first.pt", weights_only=True)   # tensors and plain values only
+    resumed = torch.load(sessions["ckpt"], weights_only=True)
+    whole = torch.load(sessions["b"].with_suffix(".ckpt.pt"), weights_only=True)
+    assert (first["step"], resumed["step"], whole["step"]) == (2, 4, 4)
+    assert (first["session"], resumed["session"], whole["session"]) == (1, 2, 1)
+    # Weights and Adam states of both sides, bit for bit; and they moved in the second session.
+    assert_same_state(resumed["sides"], whole["sides"])
+    for name, side in (("learn2learn", "module"), ("bilevel", "params")):
+        assert not torch.equal(first["sides"][name][side]["classifier.weight"],
+                               resumed["sides"][name][side]["classifier.weight"])
+    assert_same_state(resumed["reached"], whole["reached"])
+
+    # The clocks add up: the first session's per-step times are kept and two more of each appended.
+    for name in ("learn2learn", "bilevel"):
+        for clock in ("wall", "cpu"):
+            kept, total = first["per_step"][name][clock], resumed["per_step"][name][clock]
+            assert len(kept) == 2 and len(total) == 4 and torch.equal(total[:2], kept)
+            assert resumed["clock"][name][clock] == pytest.approx(float(total.sum()), rel=1e-9)
+            assert resumed["clock"][name][clock] > first["clock"][name][clock]
+    assert resumed["experiment_s"] > first["experiment_s"] > 0
+
+    # The records: one experiment (one date), each step validated once, the same accuracies as one session.
+    a, b = records(sessions["a"]), records(sessions["b"])
+    assert [r["kind"] for r in a if r["kind"] in ("start", "resume")] == ["start", "resume"]
+    assert len({r["date"] for r in a}) == 1 and next(r for r in a if r["kind"] == "resume")["step"] == 2
+    acc = [[(r["impl"], r["step"], r["val_acc"]) for r in rs if r["kind"] == "val"] for rs in (a, b)]
+    assert acc[0] == acc[1] and [s for _, s, _ in acc[0]] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    for r, w in zip(sessions["resumed"], sessions["whole"]):
+        assert (r["meta_steps"], r["session_meta_steps"], w["session_meta_steps"]) == (4, 2, 4)
+        assert r["experiment_s"] > r["elapsed_s"]   # the first session counts
+    assert not list(sessions["ckpt"].parent.glob("*.tmp"))
+
+
+def test_checkpoints_are_not_overwritten_nor_resumed_with_other_options(sessions, data, tmp_path, capsys):
+    ckpt, out = sessions["ckpt"], sessions["a"]
+    before = ckpt.read_bytes(), out.read_text()
+    for argv, message in (
+            ([], r"checkpoint .*a\.ckpt\.pt exists: continue its experiment with --resume, or start a new one with "
+                 r"another --checkpoint"),
+            (["--resume", "--seed", "1"], r"is another experiment: --seed 0 in the checkpoint, 1 now;"),
+            (["--resume", "--val-tasks", "5", "--targets", "0.9"],
+             r"--val-tasks 4 in the checkpoint, 5 now; --targets \['0\.999'\] in the checkpoint, \['0\.9'\] now;")):
+        with pytest.raises(SystemExit):
+            tta.main(["--max-steps", "1", *SHORT, "--out", str(out), *argv], data=data)
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1
+    assert (ckpt.read_bytes(), out.read_text()) == before
+    with pytest.raises(SystemExit):
+        tta.main(["--resume", "--out", str(tmp_path / "new.jsonl")], data=data)
+    assert re.search(r"--resume: no checkpoint .*new\.ckpt\.pt", capsys.readouterr().err)
+
+
+def test_a_signal_ends_the_session_after_its_round(data, tmp_path, monkeypatch):
+    out = tmp_path / "sig.jsonl"
+    step = tta.BilevelMAML.step
+
+    def step_then_terminate(self, inner, outer):   # SIGTERM in the middle of the first round
+        signal.raise_signal(signal.SIGTERM)
+        step(self, inner, outer)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr(tta.BilevelMAML, "step", step_then_terminate)
+        results = tta.main(["--max-steps", "3", *SHORT, "--out", str(out)], data=data)
+    assert signal.getsignal(signal.SIGTERM) is handler   # main() put the previous handler back
+    assert [(r["stopped"], r["meta_steps"]) for r in results] == [("SIGTERM", 1)] * 2   # the round finished
+    ckpt = torch.load(tmp_path / "sig.ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["last_val"]) == (1, 0)   # the validation of step 1 left to the next session
+    results = tta.main(["--max-steps", "1", *SHORT, "--out", str(out), "--resume"], data=data)
+    assert [(r["stopped"], r["meta_steps"]) for r in results] == [("max-steps", 2)] * 2
+    assert [r["step"] for r in records(out) if r["kind"] == "val"] == [0, 0, 1, 1, 2, 2]
