@@ -39,6 +39,12 @@ def _under_vmap() -> bool:
     return _transforms_active is not None and bool(_transforms_active())
 
 
+def _under_transform() -> bool:
+    """Whether any ``torch.func`` transform is active (``True`` when this torch cannot tell: the caller then takes
+    the path that is right under a transform)."""
+    return _transforms_active is None or bool(_transforms_active())
+
+
 def _unwrapped(x: Tensor) -> Optional[Tensor]:
     """The plain tensor under any functorch wrappers (under ``vmap``: every batch entry at once), or ``None`` if this
     torch lacks the private API that reads it."""

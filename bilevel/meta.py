@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from typing import Optional
+import threading
+from typing import Callable, Optional
 
 import torch
 from torch.func import vmap
@@ -15,7 +17,7 @@ from .conditions import stationarity
 from .methods import Implicit, Problem
 from .types import Batch, HParams, Hypergrad, Params
 
-BATCHING = ("loop", "vmap")
+BATCHING = ("loop", "vmap", "threads")
 PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``precision=`` values of ``hypergrad`` / ``meta_grad`` and the autocast dtype each one means."""
 
@@ -128,6 +130,29 @@ def _apply_policy(call: str, out: Hypergrad, method, problem: Problem, on_noncon
     return out
 
 
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _run_in_threads(run: Callable[[range], tuple], num_tasks: int, workers: int) -> list[tuple]:
+    """``run(group)`` for contiguous groups of the tasks, each in a worker thread with one intra-op thread.
+
+    The workers live in a pool kept per size (threads are started once, not per meta-step). Every group finishes
+    before an error of any one is raised, so no work of this call outlives it.
+    """
+    bounds = [round(j * num_tasks / workers) for j in range(workers + 1)]
+    groups = [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    with _POOLS_LOCK:
+        if len(groups) not in _POOLS:
+            # torch.set_num_threads in a worker sets that thread's own OpenMP team size, not the caller's
+            _POOLS[len(groups)] = concurrent.futures.ThreadPoolExecutor(
+                len(groups), thread_name_prefix="bilevel-tasks", initializer=torch.set_num_threads, initargs=(1,))
+        pool = _POOLS[len(groups)]
+    futures = [pool.submit(run, group) for group in groups]
+    concurrent.futures.wait(futures)
+    return [f.result() for f in futures]
+
+
 def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, outer_batch: Batch,
               params0: Optional[Params] = None, *, on_nonconvergence: str = "warn",
               on_nonfinite: str = "raise", precision: Optional[str] = None) -> Hypergrad:
@@ -167,7 +192,7 @@ def hypergrad(method, problem: Problem, hparams: HParams, inner_batch: Batch, ou
 
 def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, outer_batches: Batch,
               params0: Optional[Params] = None, *, batching: str = "loop", chunk_size: Optional[int] = None,
-              on_nonconvergence: str = "warn", on_nonfinite: str = "raise",
+              workers: Optional[int] = None, on_nonconvergence: str = "warn", on_nonfinite: str = "raise",
               precision: Optional[str] = None) -> Hypergrad:
     """The mean hypergradient over a meta-batch of tasks stacked along dim 0 of every batch tensor.
 
@@ -181,7 +206,14 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         batching: ``"loop"`` runs the tasks one after another, adding each task's hypergradient to a running sum
             as it finishes (lowest memory; on CPU also the fastest for the conv4 Omniglot network); ``"vmap"``
             vectorises them with ``torch.func.vmap`` (faster on accelerators for small models), ``chunk_size``
-            tasks at a time (``None`` = all).
+            tasks at a time (``None`` = all); ``"threads"`` splits the tasks into ``workers`` contiguous groups, each
+            run as ``"loop"`` does in its own thread with one intra-op thread (task parallelism on a multi-core CPU,
+            where the small operations of one task parallelise poorly). With threads the losses must be safe to call
+            from several threads at once: pure functions of ``params`` (``functional_call`` on one shared
+            ``nn.Module`` is not: it swaps the module's parameters during the call; ``bilevel.interop``'s
+            ``module_call`` gives each thread its own copy). The mean sums the groups in task order: deterministic
+            for a given ``workers``, equal to ``"loop"`` up to rounding.
+        workers: the number of threads of ``batching="threads"``; default ``torch.get_num_threads()``.
         on_nonfinite: as ``hypergrad``, or ``"skip_task"``: leave the tasks whose hypergradient, outer loss or
             solves are not finite out of the mean, count them in ``Hypergrad.dropped`` (and warn); all tasks
             failing is still a ``NonFiniteError``.
@@ -194,6 +226,10 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     """
     if batching not in BATCHING:
         raise ValueError(f"meta_grad(batching={batching!r}): must be one of {BATCHING}.")
+    if workers is not None and (batching != "threads" or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"meta_grad(workers={workers!r}): workers is a positive int and applies to "
+                         f"batching='threads' only (batching={batching!r}).")
+    workers = torch.get_num_threads() if workers is None else workers
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"meta_grad(chunk_size={chunk_size!r}): must be None or a positive int.")
     if on_nonfinite not in NONFINITE_POLICIES:
@@ -255,20 +291,30 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
     else:
         # the mean accumulates as tasks finish; only the small per-task parts (params, SolveInfo) are stacked
         take = lambda value, i: pytree.tree_map(lambda x: x[i], value)  # noqa: E731
-        total, losses, rest, oks = None, [], [], []
-        for i in range(num_tasks):
-            out = per_task(take(inner_batches, i), take(outer_batches, i),
-                           None if params0 is None else take(params0, i))
-            grad, loss = out.grad, out.outer_loss
-            if skip:
-                ok = finite(out)
-                oks.append(ok)
-                grad = {k: torch.where(ok, g, 0) for k, g in grad.items()}
-                loss = torch.where(ok, loss, 0)
-            total = {k: g.clone() for k, g in grad.items()} if total is None else \
-                {k: total[k].add_(g) for k, g in grad.items()}
-            losses.append(loss)
-            rest.append((out.params, out.inner_info, out.linear_info))
+
+        def run(tasks: range):
+            total, losses, rest, oks = None, [], [], []
+            for i in tasks:
+                out = per_task(take(inner_batches, i), take(outer_batches, i),
+                               None if params0 is None else take(params0, i))
+                grad, loss = out.grad, out.outer_loss
+                if skip:
+                    ok = finite(out)
+                    oks.append(ok)
+                    grad = {k: torch.where(ok, g, 0) for k, g in grad.items()}
+                    loss = torch.where(ok, loss, 0)
+                total = {k: g.clone() for k, g in grad.items()} if total is None else \
+                    {k: total[k].add_(g) for k, g in grad.items()}
+                losses.append(loss)
+                rest.append((out.params, out.inner_info, out.linear_info))
+            return total, losses, rest, oks
+
+        if batching == "loop":
+            total, losses, rest, oks = run(range(num_tasks))
+        else:
+            parts = [p for p in _run_in_threads(run, num_tasks, workers) if p[0] is not None]
+            total = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}  # the groups' sums, in task order
+            losses, rest, oks = ([x for p in parts for x in p[j]] for j in (1, 2, 3))
         params, inner_info, linear_info = pytree.tree_map(lambda *xs: torch.stack(xs), *rest)
         count = num_tasks
         if skip:

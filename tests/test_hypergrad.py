@@ -158,3 +158,45 @@ def test_jfb_is_zeroth_order_neumann_on_a_fixed_point():
                    bl.Implicit(bl.NormalCG(steps=4), bl.fixed_point(T))):
         assert rel(bl.hypergrad(method, problem, h, None, c, w0).grad["lam"], exact) < 1e-10
     assert rel(bl.jfb(condition=bl.fixed_point(T))(problem, h, None, c, w0).grad["lam"], c) < 1e-12
+
+
+@pytest.mark.parametrize("method", [bl.Unrolled(), bl.FirstOrder(), bl.imaml(2.0, cg_steps=5)],
+                         ids=["unrolled", "first_order", "imaml"])
+def test_top_level_autograd_path_equals_torch_func_path(method):
+    # At the top level the outermost reverse pass is plain autograd; under a transform (here: hparams tracked by
+    # autograd, which keeps torch.func.grad so the result stays differentiable) it is torch.func. Same numbers.
+    theta = mlp_params(batch_norm=True)
+    (xs, ys), (xq, yq) = fewshot_tasks()
+    problem = maml_problem(lr=0.3, steps=2)
+    if isinstance(method, bl.Implicit):
+        problem = bl.Problem(bl.proximal(problem.inner_loss, 2.0), problem.outer_loss, problem.solver,
+                             init=bl.meta_init)
+    top = method(problem, theta, (xs[0], ys[0]), (xq[0], yq[0]))
+    tracked = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    inner = method(problem, tracked, (xs[0], ys[0]), (xq[0], yq[0]))
+    assert rel(top.grad, tree.detach(inner.grad)) <= 1e-12
+    assert torch.equal(top.outer_loss, inner.outer_loss.detach())
+
+
+def test_hypergrad_of_tracked_hparams_stays_differentiable():
+    # hparams that require grad keep the torch.func path, whose result autograd can differentiate again
+    inner = lambda w, h, b: ((w["x"] - b) ** 2).sum() * (h["x"] ** 2).sum()  # noqa: E731
+    outer = lambda w, h, b: (w["x"] ** 3).sum()  # noqa: E731
+    problem = bl.Problem(inner, outer, bl.GradientDescent(lr=0.1, steps=2), init=bl.meta_init)
+    theta, b = torch.tensor([0.3, -0.2], dtype=f64), torch.tensor([1.0, 2.0], dtype=f64)
+    tracked = theta.clone().requires_grad_()
+    (second,) = torch.autograd.grad(bl.Unrolled()(problem, {"x": tracked}, b, b).grad["x"].sum(), [tracked])
+    eps, e = 1e-6, torch.eye(2, dtype=f64)
+    total = lambda x: bl.Unrolled()(problem, {"x": x}, b, b).grad["x"].sum()  # noqa: E731
+    fd = torch.stack([(total(theta + eps * e[i]) - total(theta - eps * e[i])) / (2 * eps) for i in range(2)])
+    assert torch.allclose(second, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_all_finite_sees_nan_inf_and_cancelling_infinities():
+    ok = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    assert bool(tree.all_finite(ok))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b = torch.zeros(2, 2)
+        b[1, 0] = bad
+        assert not bool(tree.all_finite({**ok, "b": b}))
+    assert not bool(tree.all_finite({"a": torch.tensor([float("inf"), -float("inf")])}))

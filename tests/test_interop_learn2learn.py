@@ -8,6 +8,7 @@ failure, not a skip.
 import importlib.util
 import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -80,7 +81,8 @@ def learn2learn_meta_grad(model, inner, outer, lr, steps, first_order):
 
 
 @pytest.mark.parametrize("method, first_order, batching", [
-    (bl.Unrolled(), False, "loop"), (bl.Unrolled(), False, "vmap"), (bl.FirstOrder(), True, "loop")])
+    (bl.Unrolled(), False, "loop"), (bl.Unrolled(), False, "vmap"), (bl.FirstOrder(), True, "loop"),
+    (bl.Unrolled(), False, "threads")])
 def test_meta_grad_matches_learn2learn_maml(taskset, model, method, first_order, batching):
     lr, steps = 0.4, 2
     inner, outer = next(bl_l2l.meta_batches(taskset, 4, WAYS, SHOTS))
@@ -110,6 +112,29 @@ def test_module_call_is_the_module_in_training_mode(model):
     model.train()
     with torch.no_grad():
         torch.testing.assert_close(call(bl_l2l.meta_params(model), X), model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_module_call_is_safe_from_several_threads(model):
+    # functional_call on one shared module swaps its parameters during a call: two threads would see each other's
+    # weights. module_call gives each thread its own copy; concurrent calls with different weights stay right.
+    call = bl_l2l.module_call(model)
+    X = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    weights = [{k: v + 0.1 * j for k, v in bl_l2l.meta_params(model).items()} for j in range(4)]
+    with torch.no_grad():
+        expected = [call(w, X) for w in weights]
+    results, barrier = {}, threading.Barrier(4)
+
+    def work(j):
+        barrier.wait()
+        with torch.no_grad():
+            results[j] = [call(weights[j], X) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, expected[j]) for j in range(4) for r in results[j])
 
 
 def test_load_twice_gives_the_same_package():

@@ -49,6 +49,7 @@ def test_reference_network_sizes_parameters_and_forward():
     expected, sizes = reference_conv4(params, x)
     assert sizes == [14, 7, 4, 2]
     torch.testing.assert_close(functional_call(model, params, (x,)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.logits(params, x), expected, rtol=1e-12, atol=1e-12)  # the pure function
     # The reference's initialisation: N(0, 1) head weights, zero biases, Xavier-uniform filters.
     assert 0.8 < params["head.weight"].std() < 1.2 and not params["head.bias"].any()
     fan = 64 * 9 + 64 * 9
@@ -59,6 +60,10 @@ def test_max_pool_variant_is_kept_and_costs_more():
     model = Conv4(ways=5, pool="max")
     x = torch.rand(3, 1, 28, 28)
     assert functional_call(model, model.init_params(), (x,)).shape == (3, 5)
+    h = x  # the max-pool network written with the module's own layers
+    for conv, norm in zip(model.convs, model.norms):
+        h = F.max_pool2d(F.relu(F.batch_norm(conv(h), None, None, norm.weight, norm.bias, training=True, eps=1e-5)), 2)
+    torch.testing.assert_close(model.logits(model.init_params(), x), model.head(h.flatten(1)))
     with pytest.raises(ValueError, match="pool='avg'"):
         Conv4(5, pool="avg")
 

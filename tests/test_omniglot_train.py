@@ -73,6 +73,18 @@ def test_a_meta_step_of_each_method_lowers_the_query_loss(small, tmp_path, metho
     assert after < before - 1e-3, (method, before.item(), after.item())
 
 
+def test_threads_batching_gives_the_loop_meta_step(small, tmp_path):
+    grads = {}
+    for batching in ("loop", "threads"):
+        work = train.build(tiny(tmp_path / batching, "method.name=maml", "task.queries=3",
+                                f"meta.batching={batching}",
+                                *(["meta.workers=2"] if batching == "threads" else [])), small)
+        grads[batching], _, acc, _ = train.meta_step(work, work.model.init_params(), work.samplers["train"].sample(0, 3))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads["loop"].values()))
+    diff = torch.sqrt(sum(((grads["loop"][k] - grads["threads"][k]) ** 2).sum() for k in grads["loop"]))
+    assert diff <= 1e-5 * norm and acc.shape == (3,)
+
+
 def test_implicit_nonconvergence_is_reported_not_hidden(small, tmp_path):
     work = train.build(tiny(tmp_path, "method.name=imaml", "inner.steps=2", "method.cg_steps=1"), small)
     with pytest.warns(bl.NonConvergenceWarning, match="did not converge"):

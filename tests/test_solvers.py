@@ -270,7 +270,7 @@ def test_slow_neumann_on_logistic_regression_warns():
 
 
 # --- skip_task ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", "vmap", "threads"])
 def test_skip_task_averages_the_finite_tasks_and_counts_the_rest(batching):
     (xs, ys), (xq, yq) = fewshot_tasks(num_tasks=8)
     xs = xs.clone()

@@ -24,6 +24,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import types
 from typing import Callable, Iterator, Optional
 
@@ -149,14 +150,25 @@ def module_call(module: torch.nn.Module) -> Callable:
     (``torch.func.replace_all_batch_norm_modules_``): updating running statistics in place cannot happen inside
     ``torch.func`` transforms, and learn2learn's ``OmniglotCNN`` and ``CNN4`` in training mode (how its MAML examples
     adapt and evaluate) use the batch statistics too, so their outputs are the same.
+
+    Safe to call from several threads at once (``meta_grad(batching="threads")``): ``functional_call`` swaps a
+    module's parameters in place for the duration of a call, so each thread runs its own copy, made at its first call.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module_call: expected a torch.nn.Module, got {type(module).__name__}.")
     module = copy.deepcopy(module)
     replace_all_batch_norm_modules_(module)
+    # untying shared weights walks every submodule on each call: only when the module shares any
+    shared = [t for _, t in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False))]
+    tied = len({id(t) for t in shared}) < len(shared)
+    local = threading.local()
 
     def call(params, X):
-        return functional_call(module, params, (X,))
+        copy_ = getattr(local, "module", None)
+        if copy_ is None:
+            copy_ = local.module = copy.deepcopy(module)
+        return functional_call(copy_, params, (X,), tie_weights=tied)
 
     return call
 

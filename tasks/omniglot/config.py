@@ -98,8 +98,9 @@ class MetaConfig:
     lr: float = 1e-3                       # meta learning rate
     eps: float = 1e-8                      # Adam's epsilon (the iMAML reference code uses 1e-3)
     schedule: str = "constant"             # constant | linear (anneal to 0 at the last step)
-    batching: str = "loop"                 # loop | vmap: how bl.meta_grad runs the tasks
+    batching: str = "loop"                 # loop | vmap | threads: how bl.meta_grad runs the tasks
     chunk_size: Optional[int] = None       # vmap chunk size
+    workers: Optional[int] = None          # threads: worker threads, one intra-op thread each (null: run.threads)
     precision: Optional[str] = None        # null | bf16 | fp16: autocast the task losses (bl.meta_grad(precision=))
     on_nonconvergence: str = "warn"        # ignore | warn | raise; implicit methods only (fixed-budget inner loops
                                            # and adjoint solves that miss tol); the fraction is logged either way
@@ -227,8 +228,10 @@ def validate(cfg: DictConfig) -> None:
     _check(mc.batch >= 1 and mc.steps >= 1 and mc.lr > 0, "meta.batch, meta.steps and meta.lr must be positive.")
     _check(mc.optimizer in ("adam", "sgd"), f"meta.optimizer={mc.optimizer!r}; use adam or sgd.")
     _check(mc.schedule in ("constant", "linear"), f"meta.schedule={mc.schedule!r}; use constant or linear.")
-    _check(mc.batching in ("loop", "vmap"), f"meta.batching={mc.batching!r}; use loop or vmap.")
+    _check(mc.batching in ("loop", "vmap", "threads"), f"meta.batching={mc.batching!r}; use loop, vmap or threads.")
     _check(mc.chunk_size is None or mc.chunk_size >= 1, f"meta.chunk_size={mc.chunk_size}; use null or >= 1.")
+    _check(mc.workers is None or (mc.batching == "threads" and mc.workers >= 1),
+           f"meta.workers={mc.workers}; use null, or >= 1 with meta.batching=threads.")
     _check(mc.precision in (None, "bf16", "fp16"), f"meta.precision={mc.precision!r}; use null, bf16 or fp16.")
     for key in ("on_nonconvergence", "on_nonfinite", "on_divergence"):
         allowed = ("ignore", "warn", "raise") + (("skip_task",) if key == "on_nonfinite" else ())

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 import bilevel as bl
 
@@ -129,13 +129,13 @@ class AdaptedTask:
                     raise ValueError("predict: one query under transductive batch norm would be normalised by its "
                                      "own statistics, which predicts at about chance level; pass the queries "
                                      "together, or use transductive=False (normalised with the support set).")
-                logits = functional_call(self.model, self.params, (x,))
+                logits = self.model.logits(self.params, x)
             else:
                 if self.support is None:
                     raise ValueError("predict: transductive=False needs the support images; adapt() keeps them.")
 
                 def one(query):   # the last row: the query, normalised with the support set's statistics
-                    return functional_call(self.model, self.params, (torch.cat([self.support, query[None]]),))[-1]
+                    return self.model.logits(self.params, torch.cat([self.support, query[None]]))[-1]
                 logits = vmap(one)(x)
         _check_finite("predict: the logits", logits,
                       "the adaptation diverged (lower inner_lr) or the inputs are broken.")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 __all__ = ["Conv4", "POOLS", "cross_entropy_loss", "accuracy"]
 
@@ -41,7 +40,7 @@ POOLS = ("stride", "max")
 
 
 class Conv4(nn.Module):
-    """conv4 with transductive batch norm; call it through :func:`torch.func.functional_call`.
+    """conv4 with transductive batch norm; call it as ``logits(params, x)`` (or through ``functional_call``).
 
     Args:
         ways: number of output classes (N).
@@ -68,30 +67,47 @@ class Conv4(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The same function as `logits`, through the layers themselves: libraries that patch a module's weights
+        # (functional_call, higher, learn2learn's clone) run this one. Tests hold the two equal.
         for conv, norm in zip(self.convs, self.norms):
-            # Batch statistics always (training=True, no running stats): transductive, as the MAML reference.
             x = F.relu(F.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True, eps=self.eps))
             if self.pool == "max":
                 x = F.max_pool2d(x, 2)
-        if self.pool == "stride":
-            return self.head(x.mean(dim=(2, 3)))
-        return self.head(x.flatten(1))
+        return self.head(x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1))
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The outputs for images ``x`` with the weights ``params`` (keys as ``init_params``).
+
+        A pure function of its arguments: the module's own parameters are not read or swapped, so it is safe from
+        several threads at once (``meta_grad(batching="threads")``) and skips ``functional_call``'s bookkeeping,
+        a few percent of a meta-step on 1-shot tasks.
+        """
+        stride = 2 if self.pool == "stride" else 1
+        for i in range(len(self.convs)):
+            x = F.conv2d(x, params[f"convs.{i}.weight"], params[f"convs.{i}.bias"], stride=stride, padding=1)
+            # Batch statistics always (training=True, no running stats): transductive, as the MAML reference.
+            x = F.relu(F.batch_norm(x, None, None, params[f"norms.{i}.weight"], params[f"norms.{i}.bias"],
+                                    training=True, eps=self.eps))
+            if self.pool == "max":
+                x = F.max_pool2d(x, 2)
+        x = x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)
+        return F.linear(x, params["head.weight"], params["head.bias"])
 
     def init_params(self) -> dict[str, torch.Tensor]:
         """The initial weights as a detached ``params`` dict."""
         return {k: v.detach().clone() for k, v in self.named_parameters()}
 
 
-def cross_entropy_loss(model: nn.Module):
+def cross_entropy_loss(model: Conv4):
     """``loss(params, hparams, batch) = CE(model(params, batch[0]), batch[1])``: the few-shot task loss."""
 
     def loss(params, hparams, batch):
         images, labels = batch
-        return F.cross_entropy(functional_call(model, params, (images,)), labels)
+        return F.cross_entropy(model.logits(params, images), labels)
 
     return loss
 
 
-def accuracy(model: nn.Module, params, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def accuracy(model: Conv4, params, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of ``images`` classified as ``labels`` by ``model`` with weights ``params``."""
-    return (functional_call(model, params, (images,)).argmax(-1) == labels).float().mean()
+    return (model.logits(params, images).argmax(-1) == labels).float().mean()

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 import bilevel as bl
@@ -148,7 +148,7 @@ def check_model(saved: DictConfig, cfg: DictConfig, path) -> None:
 def task_accuracy(model, params, images, labels) -> torch.Tensor:
     """Per-task query accuracy for stacked ``params`` / ``images`` (forward only, so vmap is safe with BN)."""
     def one(p, x, y):
-        return (functional_call(model, p, (x,)).argmax(-1) == y).float().mean()
+        return (model.logits(p, x).argmax(-1) == y).float().mean()
     return vmap(one)(params, images, labels)
 
 
@@ -168,7 +168,7 @@ def evaluate(work: Workload, hparams, split: str, tasks: int, chunk: int = 50, s
             params, _ = solver(work.test_loss, dict(hparams), hparams,
                                          (task.support, task.support_labels))
             with torch.no_grad():
-                logits = functional_call(work.model, params, (task.query,))
+                logits = work.model.logits(params, task.query)
             accs.append((logits.argmax(-1) == task.query_labels).float().mean())
     accs = torch.stack(accs).double()
     ci = 1.96 * accs.std(unbiased=True).item() / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
@@ -180,7 +180,7 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     cfg = work.cfg.meta
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
     out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
-                       chunk_size=cfg.chunk_size, on_nonconvergence=cfg.on_nonconvergence, precision=cfg.precision,
+                       chunk_size=cfg.chunk_size, workers=cfg.workers, on_nonconvergence=cfg.on_nonconvergence, precision=cfg.precision,
                        # applied after the (all-)reduce, on every rank together; skip_task drops tasks here
                        on_nonfinite="skip_task" if cfg.on_nonfinite == "skip_task" else "ignore")
     with torch.no_grad():
