@@ -2,8 +2,9 @@
 
 Every implementation computes the same thing on the same weights and data: the meta-gradient of the mean query
 loss over a meta-batch of 5-way 1-shot tasks (15 queries per class, 32 tasks) with respect to the meta-initialisation
-θ of ``tasks.omniglot.model.Conv4`` (3x3 convs, transductive batch norm, 2x2 max-pool; 28x28 inputs). Inputs are
-random 28x28 images: the cost of a meta-step does not depend on pixel values.
+θ of ``tasks.omniglot.model.Conv4`` (3x3 convs, transductive batch norm; by default the MAML reference's Omniglot
+network with stride-2 convs, ``Config.pool="max"`` the 2x2 max-pool variant; 28x28 inputs). Inputs are random
+28x28 images: the cost of a meta-step does not depend on pixel values.
 
 ``make_step(cfg)`` returns a zero-argument function running one meta-step; ``benchmarks/measure.py`` times it.
 """
@@ -31,9 +32,12 @@ class Config:
 
     impl: ``bilevel`` or a peer (``autograd``, ``higher``, ``learn2learn``, ``torchopt``, ``torchopt_implicit``).
     method: bilevel method (``unrolled``, ``first_order``, ``reptile``, ``imaml``, ``neumann``, ``jfb``);
-        for ``torchopt_implicit`` the linear solver (``cg`` or ``normal_cg``).
+        ``unrolled`` or ``first_order`` for ``autograd`` and ``learn2learn``; for ``torchopt_implicit`` the linear
+        solver (``cg`` or ``normal_cg``).
     steps: inner gradient steps.
-    batching, chunk_size: bilevel's task batching (``loop`` | ``vmap``; vmap ``chunk_size``).
+    batching, chunk_size, workers: bilevel's task batching (``loop`` | ``vmap`` | ``threads``; vmap ``chunk_size``;
+        ``workers`` threads).
+    pool: the conv4 variant (``stride`` or ``max``, see ``tasks.omniglot.model``).
     """
 
     impl: str = "bilevel"
@@ -41,6 +45,8 @@ class Config:
     steps: int = 1
     batching: str = "loop"
     chunk_size: int | None = None
+    workers: int | None = None
+    pool: str = "stride"
     tasks: int = 32
     ways: int = 5
     shots: int = 1
@@ -50,6 +56,7 @@ class Config:
 
     def key(self) -> str:
         chunk = "" if self.chunk_size is None else f"/chunk{self.chunk_size}"
+        chunk += "" if self.workers is None else f"/workers{self.workers}"
         batching = f"{self.batching}{chunk}" if self.impl == "bilevel" else "loop"
         return f"{self.impl}:{self.method}:steps{self.steps}:{batching}:T{self.tasks}"
 
@@ -67,7 +74,7 @@ def make_data(cfg: Config):
 
 def make_model(cfg: Config) -> Conv4:
     torch.manual_seed(cfg.seed)
-    return Conv4(cfg.ways)
+    return Conv4(cfg.ways, pool=cfg.pool)
 
 
 def bilevel_method(cfg: Config):
@@ -100,7 +107,8 @@ def make_bilevel_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
 
     def step():
         out = bl.meta_grad(method, problem, hparams, (xs, ys), (xq, yq), batching=cfg.batching,
-                           chunk_size=cfg.chunk_size, on_nonconvergence="ignore", on_nonfinite="raise")
+                           chunk_size=cfg.chunk_size, workers=cfg.workers, on_nonconvergence="ignore",
+                           on_nonfinite="raise")
         return out.grad
 
     return step
@@ -111,7 +119,8 @@ def _ce(logits, labels):
 
 
 def make_autograd_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
-    """The plain reference: torch.autograd through explicit inner steps, one task after another."""
+    """The plain reference: torch.autograd through explicit inner steps, one task after another (first order:
+    the inner gradients are constants)."""
     (xs, ys), (xq, yq) = data
     theta = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
 
@@ -122,7 +131,7 @@ def make_autograd_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
             w = theta
             for _ in range(cfg.steps):
                 loss = _ce(functional_call(model, w, (xs[i],)), ys[i])
-                grads = torch.autograd.grad(loss, list(w.values()), create_graph=True)
+                grads = torch.autograd.grad(loss, list(w.values()), create_graph=cfg.method != "first_order")
                 w = {k: v - INNER_LR * g for (k, v), g in zip(w.items(), grads)}
             (_ce(functional_call(model, w, (xq[i],)), yq[i]) / cfg.tasks).backward()
         return {k: v.grad for k, v in theta.items()}
@@ -181,7 +190,7 @@ def load_learn2learn_maml():
 def make_learn2learn_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     MAML = load_learn2learn_maml()
     (xs, ys), (xq, yq) = data
-    maml = MAML(model, lr=INNER_LR, first_order=False)
+    maml = MAML(model, lr=INNER_LR, first_order=cfg.method == "first_order")
 
     def step():
         maml.zero_grad(set_to_none=True)
