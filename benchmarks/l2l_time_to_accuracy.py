@@ -2,12 +2,20 @@
 
     BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 170 --threads 1
     BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 170 --threads 1 --resume
+    BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 170 --threads 2 \
+        --bilevel-batching threads --out runs/benchmarks/l2l_time_to_accuracy_2threads.jsonl
 
 learn2learn's side is the meta-step of its ``examples/vision/maml_omniglot.py``: ``l2l.algorithms.MAML(model,
 lr=0.5, first_order=False)``; per task ``clone()``, one ``adapt()`` on the support loss, ``backward()`` of the query
 loss (cross-entropy, mean over the batch); the summed gradients scaled by ``1/meta_batch_size``; ``Adam(lr=0.003)``.
 bilevel's side is ``bl.meta_grad(bl.Unrolled(), ...)`` with one gradient step of lr 0.5 and the same Adam. Both train
 learn2learn's ``OmniglotCNN`` through ``bilevel.interop.learn2learn``, from the same initial weights.
+
+On several cores the two use them differently. learn2learn's side runs with ``--threads`` intra-op threads (as its
+example uses a multi-core CPU: torch parallelises each operation). bilevel's side runs its tasks one after another
+on the same intra-op threads (``--bilevel-batching loop``), or splits them into ``--bilevel-workers`` (default
+``--threads``) contiguous groups, each in a worker thread with one intra-op thread (``--bilevel-batching threads``,
+task parallelism). The third line above compares learn2learn on 2 intra-op threads with bilevel on 2 task threads.
 
 Tasks are 5-way 1-shot with 1 query per class (learn2learn's ``train_samples=2*shots``: the even positions adapt,
 the odd ones evaluate), every class of a task turned by its own random multiple of 90 degrees (its
@@ -65,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # meta_batch_size=32, adaptation_steps=1), MAML(first_order=False).
 WAYS, SHOTS, QUERIES, META_BATCH, FAST_LR, META_LR, ADAPTATION_STEPS = 5, 1, 1, 32, 0.5, 0.003, 1
 TARGETS = (0.95, 0.97)
-GRAD_RTOL = 1e-5   # float32: summation order differs (learn2learn sums then scales, bilevel averages as it goes)
+GRAD_RTOL = 1e-5   # float32: summation order differs (bilevel's task threads sum per group, then the groups)
 CHECKPOINT_FORMAT = 1
 
 
@@ -110,17 +118,27 @@ class BilevelMAML:
 
     name = "bilevel"
 
-    def __init__(self, model: torch.nn.Module, method=None):
-        loss = bl_l2l.module_loss(model)
+    def __init__(self, model: torch.nn.Module, method=None, batching: str = "loop", workers: int | None = None):
+        """``batching``, ``workers``: as ``bl.meta_grad``'s (``workers`` only with ``batching="threads"``)."""
+        loss = bl_l2l.module_loss(model)   # thread-safe: a module copy per thread
         self.problem = bl.Problem(loss, loss, bl.GradientDescent(lr=FAST_LR, steps=ADAPTATION_STEPS),
                                   init=bl.meta_init)
         self.method = method or bl.Unrolled()
         self.params = bl_l2l.meta_params(model)   # the hparams θ; Adam updates them in place
         self.opt = torch.optim.Adam(self.params.values(), META_LR)
+        self.batching, self.workers = batching, workers   # meta_grad checks them
+
+    @property
+    def label(self) -> str:
+        """``"bilevel batching=threads workers=2"``: the name with what sets its speed (in the calling thread)."""
+        if self.batching == "threads":   # each worker with one intra-op thread
+            return f"{self.name} batching=threads workers={self.workers or torch.get_num_threads()}"
+        return f"{self.name} batching={self.batching} threads={torch.get_num_threads()}"
 
     def meta_grad(self, inner, outer) -> dict[str, torch.Tensor]:
         # One inner step is not meant to converge: no convergence check.
-        return bl.meta_grad(self.method, self.problem, self.params, inner, outer, on_nonconvergence="ignore").grad
+        return bl.meta_grad(self.method, self.problem, self.params, inner, outer, batching=self.batching,
+                            workers=self.workers, on_nonconvergence="ignore").grad
 
     def step(self, inner, outer) -> None:
         grad = self.meta_grad(inner, outer)
@@ -144,8 +162,11 @@ class BilevelMAML:
         self.opt.load_state_dict(state["opt"])
 
 
-def build(data, seed: int = 0):
-    """``(model, learn2learn side, bilevel side, train sampler, validation sampler)``, both sides on one init."""
+def build(data, seed: int = 0, batching: str = "loop", workers: int | None = None):
+    """``(model, learn2learn side, bilevel side, train sampler, validation sampler)``, both sides on one init.
+
+    ``batching``, ``workers``: bilevel's, as ``BilevelMAML``'s.
+    """
     l2l = bl_l2l.load()
     split = make_split(data, "maml", seed=1)
     samplers = {name: TaskSampler(data.images, split[name], ways=WAYS, shots=SHOTS, queries=QUERIES,
@@ -154,7 +175,8 @@ def build(data, seed: int = 0):
     torch.manual_seed(seed)
     model = l2l.vision.models.OmniglotCNN(output_size=WAYS)
     # learn2learn's MAML owns (and its Adam updates) the module it wraps: give it a copy.
-    return model, Learn2learnMAML(l2l, copy.deepcopy(model)), BilevelMAML(model), samplers["train"], samplers["val"]
+    return (model, Learn2learnMAML(l2l, copy.deepcopy(model)), BilevelMAML(model, batching=batching, workers=workers),
+            samplers["train"], samplers["val"])
 
 
 def batches(tasks):
@@ -191,7 +213,8 @@ def check_same_start(sides, inner, outer, rtol: float = GRAD_RTOL) -> dict:
 def experiment(args) -> dict:
     """What defines an experiment: a session that resumes it must agree on all of it."""
     return {"seed": args.seed, "val_tasks": args.val_tasks, "val_every": args.val_every,
-            "targets": [f"{t:g}" for t in sorted(args.targets)], "threads": args.threads, "ways": WAYS,
+            "targets": [f"{t:g}" for t in sorted(args.targets)], "threads": args.threads,
+            "bilevel_batching": args.bilevel_batching, "bilevel_workers": args.bilevel_workers, "ways": WAYS,
             "shots": SHOTS, "queries": QUERIES, "meta_batch": META_BATCH, "fast_lr": FAST_LR, "meta_lr": META_LR,
             "adaptation_steps": ADAPTATION_STEPS, "torch": str(torch.__version__),   # not TorchVersion: plain types
             "learn2learn": importlib.metadata.version("learn2learn")}
@@ -199,7 +222,8 @@ def experiment(args) -> dict:
 
 def experiment_differences(saved: dict, now: dict) -> list[str]:
     """``["--seed 0 in the checkpoint, 1 now", ...]``: the experiment-defining values that differ."""
-    options = ("seed", "val_tasks", "val_every", "targets", "threads")
+    options = ("seed", "val_tasks", "val_every", "targets", "threads", "bilevel_batching", "bilevel_workers")
+    saved = {"bilevel_batching": "loop", "bilevel_workers": None, **saved}   # checkpoints older than the options
     return [f"{'--' + k.replace('_', '-') if k in options else k} {saved.get(k)} in the checkpoint, {now[k]} now"
             for k in now if saved.get(k) != now[k]]
 
@@ -264,7 +288,13 @@ def main(argv=None, data=None):
                         help="meta-steps of each in this session, not in the experiment (default: no limit)")
     parser.add_argument("--val-every", type=int, default=100, help="meta-steps between validations")
     parser.add_argument("--val-tasks", type=int, default=1000, help="fixed validation tasks (5 queries each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (learn2learn's side; bilevel's with --bilevel-batching loop)")
+    parser.add_argument("--bilevel-batching", choices=("loop", "threads"), default="loop",
+                        help="bilevel's meta_grad batching: the tasks one after another on --threads intra-op "
+                             "threads, or in --bilevel-workers task threads of one intra-op thread each")
+    parser.add_argument("--bilevel-workers", type=int, default=None,
+                        help="task threads of --bilevel-batching threads (default: --threads)")
     parser.add_argument("--data", default=None, help="Omniglot folder (default: $BILEVEL_DATA, see load_omniglot)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="validation accuracies")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and training tasks")
@@ -273,11 +303,19 @@ def main(argv=None, data=None):
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the experiment's checkpoint (default: --out with the suffix .ckpt.pt)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the experiment of --checkpoint (same seed, targets, threads, validation)")
+                        help="continue the experiment of --checkpoint (same seed, targets, threads, bilevel "
+                             "batching and workers, validation)")
     args = parser.parse_args(argv)
     for key in ("max_minutes", "val_every", "val_tasks", "threads"):
         if not getattr(args, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.bilevel_workers is not None and args.bilevel_batching != "threads":
+        parser.error(f"--bilevel-workers applies to --bilevel-batching threads only (got "
+                     f"--bilevel-batching {args.bilevel_batching})")
+    if args.bilevel_batching == "threads":
+        args.bilevel_workers = args.threads if args.bilevel_workers is None else args.bilevel_workers
+        if args.bilevel_workers < 1:
+            parser.error(f"--bilevel-workers must be positive, got {args.bilevel_workers}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be positive, got {args.max_steps}")
     if not all(0 <= t <= 1 for t in args.targets):
@@ -332,9 +370,11 @@ def _run(args, data, ckpt_path, saved, defining, targets, start, experiment_s, s
     session = saved["session"] + 1 if saved else 1
 
     data = data or load_omniglot(("images_background", "images_evaluation"), args.data)
-    model, l2l_side, bl_side, train, val = build(data, args.seed)
+    model, l2l_side, bl_side, train, val = build(data, args.seed, args.bilevel_batching, args.bilevel_workers)
     sides = (l2l_side, bl_side)
     names = [s.name for s in sides]
+    # what sets each side's speed: learn2learn's intra-op threads, bilevel's batching
+    setup = f"{l2l_side.name} threads={args.threads}, {bl_side.label}"
     val_tasks = val.sample(0, args.val_tasks)
     val_batches = [batches(val_tasks)]
     call = bl_l2l.module_call(model)
@@ -379,12 +419,14 @@ def _run(args, data, ckpt_path, saved, defining, targets, start, experiment_s, s
         if saved:
             write({"kind": "resume", "at": now, "session": session, "step": step, "argv": argv,
                    "experiment_s": experiment_s(), "load": os.getloadavg()})
-            print(f"resumed {ckpt_path} at meta-step {step} (session {session})", flush=True)
+            print(f"resumed {ckpt_path} at meta-step {step} (session {session}); {setup}", flush=True)
         else:
-            write({"kind": "start", "argv": argv, "threads": args.threads, "torch": torch.__version__,
+            write({"kind": "start", "argv": argv, "threads": args.threads, "bilevel_batching": args.bilevel_batching,
+                   "bilevel_workers": args.bilevel_workers, "sides": setup, "torch": torch.__version__,
                    "learn2learn": defining["learn2learn"], "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                    "meta_batch": META_BATCH, "fast_lr": FAST_LR, "meta_lr": META_LR,
                    "adaptation_steps": ADAPTATION_STEPS, "load": os.getloadavg(), **check})
+            print(setup, flush=True)
             print(f"same initial weights; first meta-gradient: relative difference {check['grad_rel_diff']:.1e} "
                   f"(norm {check['grad_norm']:.3g}, worst {check['worst']})", flush=True)
 
@@ -453,7 +495,7 @@ def _run(args, data, ckpt_path, saved, defining, targets, start, experiment_s, s
             write(record)
             results.append(record)
     print(f"\n{step} meta-steps each, stopped: {stopped}; {args.val_tasks} validation tasks every {args.val_every} "
-          f"meta-steps; {args.threads} thread(s); {date}, session {session}, {experiment_s() / 3600:.2f} h in all; "
+          f"meta-steps; {setup}; {date}, session {session}, {experiment_s() / 3600:.2f} h in all; "
           f"-> {args.out}, {ckpt_path}")
     print(table(results))
     return results

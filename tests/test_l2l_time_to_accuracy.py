@@ -1,7 +1,8 @@
 """benchmarks/l2l_time_to_accuracy.py: both sides start alike and agree on the first meta-gradient; a short run
 reports a reached and an unreached target honestly and stops at its budget; an experiment run in two sessions
 ends with the weights of one run in one session, its clocks added up; checkpoints are neither overwritten nor
-resumed with other options; a signal ends a session at the next round boundary.
+resumed with other options; a signal ends a session at the next round boundary; bilevel's task threads
+(``--bilevel-batching threads``) compute the loop's meta-gradient.
 
 Synthetic images (1,210 characters of random pixels: the MAML split needs more than 1,200), so no download.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import signal
+import threading
 
 import pytest
 import torch
@@ -73,7 +75,10 @@ def test_short_run_reports_reached_and_not_reached(data, tmp_path, capsys):
 
 def test_bad_options_are_named(data, tmp_path, capsys):
     for argv, message in ((["--val-every", "0"], "--val-every must be positive"),
-                          (["--targets", "95"], r"--targets are accuracies in \[0, 1\]")):
+                          (["--targets", "95"], r"--targets are accuracies in \[0, 1\]"),
+                          (["--bilevel-workers", "2"], "--bilevel-workers applies to --bilevel-batching threads only"),
+                          (["--bilevel-batching", "threads", "--bilevel-workers", "0"],
+                           "--bilevel-workers must be positive")):
         with pytest.raises(SystemExit):
             tta.main(argv + ["--out", str(tmp_path / "x.jsonl")], data=data)
         assert re.search(message, capsys.readouterr().err)
@@ -85,6 +90,13 @@ SHORT = ["--val-every", "1", "--val-tasks", "4", "--targets", "0.999"]
 
 def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def diff(a, b, ref=None) -> float:
+    """``‖a − b‖ / ‖ref‖`` over all the tensors of the dicts (``ref``: ``b``)."""
+    ref = b if ref is None else ref
+    norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))  # noqa: E731
+    return float(norm({k: a[k] - b[k] for k in a}) / norm(ref))
 
 
 def assert_same_state(a, b):
@@ -154,7 +166,9 @@ def test_checkpoints_are_not_overwritten_nor_resumed_with_other_options(sessions
                  r"another --checkpoint"),
             (["--resume", "--seed", "1"], r"is another experiment: --seed 0 in the checkpoint, 1 now;"),
             (["--resume", "--val-tasks", "5", "--targets", "0.9"],
-             r"--val-tasks 4 in the checkpoint, 5 now; --targets \['0\.999'\] in the checkpoint, \['0\.9'\] now;")):
+             r"--val-tasks 4 in the checkpoint, 5 now; --targets \['0\.999'\] in the checkpoint, \['0\.9'\] now;"),
+            (["--resume", "--bilevel-batching", "threads"],
+             r"--bilevel-batching loop in the checkpoint, threads now;")):
         with pytest.raises(SystemExit):
             tta.main(["--max-steps", "1", *SHORT, "--out", str(out), *argv], data=data)
         err = capsys.readouterr().err
@@ -184,3 +198,63 @@ def test_a_signal_ends_the_session_after_its_round(data, tmp_path, monkeypatch):
     results = tta.main(["--max-steps", "1", *SHORT, "--out", str(out), "--resume"], data=data)
     assert [(r["stopped"], r["meta_steps"]) for r in results] == [("max-steps", 2)] * 2
     assert [r["step"] for r in records(out) if r["kind"] == "val"] == [0, 0, 1, 1, 2, 2]
+
+
+def test_bilevel_task_threads_compute_the_loop_meta_gradient(sessions, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "threads.jsonl"
+    module_loss, callers = tta.bl_l2l.module_loss, set()
+
+    def spied_module_loss(module):   # which threads run bilevel's losses
+        loss = module_loss(module)
+
+        def spied(params, hparams, batch):
+            callers.add(threading.current_thread().name)
+            return loss(params, hparams, batch)
+        return spied
+
+    with monkeypatch.context() as m:
+        m.setattr(tta.bl_l2l, "module_loss", spied_module_loss)
+        # one intra-op thread in this process; two task threads all the same
+        tta.main(["--max-steps", "2", *SHORT, "--bilevel-batching", "threads", "--bilevel-workers", "2",
+                  "--threads", "1", "--out", str(out)], data=data)
+    # the meta-steps in two worker threads (the validation runs in the main thread)
+    assert len({name for name in callers if name.startswith("bilevel-tasks")}) == 2
+    start = records(out)[0]
+    assert start["grad_rel_diff"] <= tta.GRAD_RTOL   # check_same_start held with threads
+    assert (start["bilevel_batching"], start["bilevel_workers"]) == ("threads", 2)
+    assert start["sides"] == "learn2learn threads=1, bilevel batching=threads workers=2"
+    assert "learn2learn threads=1, bilevel batching=threads workers=2;" in capsys.readouterr().out
+
+    # learn2learn's side is the loop run's bit for bit; bilevel's computes the loop's meta-gradient up to rounding.
+    (tmp_path / "loop.pt").write_bytes(sessions["first"])
+    loop = torch.load(tmp_path / "loop.pt", weights_only=True)
+    threads = torch.load(tmp_path / "threads.ckpt.pt", weights_only=True)
+    assert (loop["step"], threads["step"]) == (2, 2) and loop["experiment"]["bilevel_batching"] == "loop"
+    assert threads["experiment"]["bilevel_batching"] == "threads" and threads["experiment"]["bilevel_workers"] == 2
+    assert_same_state(threads["sides"]["learn2learn"], loop["sides"]["learn2learn"])
+    _, _, looped, train, _ = tta.build(data)
+    threaded = tta.BilevelMAML(tta.build(data)[0], batching="threads", workers=2)
+    inner, outer = tta.batches(train.sample(2, tta.META_BATCH))
+    for side in (looped, threaded):
+        side.load_state_dict(threads["sides"]["bilevel"])   # the weights the threads run reached
+    g_loop, g_threads = ({k: v.clone() for k, v in side.meta_grad(inner, outer).items()} for side in (looped, threaded))
+    assert diff(g_threads, g_loop) <= tta.GRAD_RTOL
+
+    # Their weights after 2 meta-steps are not allclose: Adam's first steps are lr * g / |g| elementwise, so rounding
+    # decides the sign of the steps of the near-zero components (the conv biases before batch norm have gradient 0),
+    # and the next gradient moves with them. The threads run is as near the loop run as a loop on the same tasks in
+    # reversed order (the same sum rounded otherwise), within a factor 2.
+    reversed_ = tta.build(data)[2]
+    theta0 = reversed_.hparams()
+    for step in range(2):
+        inner, outer = tta.batches(train.sample(step, tta.META_BATCH))
+        reversed_.step(*(tuple(x.flip(0) for x in batch) for batch in (inner, outer)))
+    w_loop, w_threads = loop["sides"]["bilevel"]["params"], threads["sides"]["bilevel"]["params"]
+    moved = {k: w_loop[k] - theta0[k] for k in theta0}
+    rounding = diff(reversed_.hparams(), w_loop, moved)
+    assert 0 < diff(w_threads, w_loop, moved) <= 2 * rounding < 0.1
+
+    with pytest.raises(SystemExit):   # the workers define the experiment too
+        tta.main(["--max-steps", "1", *SHORT, "--bilevel-batching", "threads", "--bilevel-workers", "1",
+                  "--threads", "1", "--out", str(out), "--resume"], data=data)
+    assert re.search(r"--bilevel-workers 2 in the checkpoint, 1 now", capsys.readouterr().err)
