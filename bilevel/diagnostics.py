@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .linear_solve import CG, Neumann
+from .linear_solve import Neumann
 from .types import Hypergrad, SolveInfo
 
 POLICIES = ("raise", "warn", "ignore")

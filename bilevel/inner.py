@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from torch.func import grad
 from .tree import pytree
 
 from . import tree
+from ._autodiff import gradient
 from ._host import _under_vmap
 from .types import HParams, LossFn, Params, SolveInfo, default_tol
 
@@ -84,7 +84,7 @@ class InnerSolver:
         """
         steps = self.steps if steps is None else steps
         state = self.init(params) if state is None else state
-        grad_fn = grad(inner_loss)
+        grad_fn = gradient(inner_loss)
         ref = next(iter(params.values()))
         if info is None or not isinstance(info.scale, torch.Tensor):
             info = SolveInfo(steps=ref.new_zeros((), dtype=torch.long), residual=ref.new_full((), float("inf")),

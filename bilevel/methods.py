@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch.func import grad, jvp
+from torch.func import jvp
 
 from . import tree
-from ._host import _under_transform
+from ._autodiff import grads
 from .conditions import Condition, stationarity
 from .implicit import root_vjp
 from .inner import InnerSolver
@@ -91,36 +91,13 @@ class Problem:
         return tree.detach(params), info
 
 
-def _grads(fn: Callable, *trees: Tree):
-    """``(grads, aux)`` of ``fn(*trees) -> (scalar, aux)``: ``torch.func.grad(fn, argnums=(0, 1, ...),
-    has_aux=True)(*trees)``, by ``torch.autograd`` at the top level.
-
-    The same numbers either way. Outside every ``torch.func`` transform, with trees that no autograd graph tracks,
-    the outermost reverse pass is plain autograd: ``torch.func.grad`` would wrap every operation of the backward pass
-    (for ``Unrolled``, of the whole unrolled inner solve) for nothing, a fifth of a MAML meta-step on small tasks
-    (``benchmarks/side_by_side.py``). Under ``vmap`` or another transform, or when an input requires grad (the result
-    then stays differentiable), it is ``torch.func.grad``.
-    """
-    if _under_transform() or any(v.requires_grad for t in trees for v in t.values()):
-        return grad(fn, argnums=tuple(range(len(trees))), has_aux=True)(*trees)
-    with torch.enable_grad():
-        leaves = [{k: v.detach().requires_grad_() for k, v in t.items()} for t in trees]
-        out, aux = fn(*leaves)
-        flat = [v for t in leaves for v in t.values()]
-        # an output that depends on no input (a truncated solve cut from θ) has gradient zero, as in torch.func
-        flat = iter(torch.autograd.grad(out, flat, allow_unused=True) if out.requires_grad else [None] * len(flat))
-    grads = tuple({k: torch.zeros_like(v) if g is None else g for k, v, g in ((k, v, next(flat)) for k, v in t.items())}
-                  for t in trees)
-    return grads, aux
-
-
 def _outer_grads(problem: Problem, params: Params, hparams: HParams, batch: Batch):
     """``(∂L_out/∂w, ∂L_out/∂λ)`` at fixed ``w`` and the outer loss."""
     def outer(w, h):
         loss = problem.outer_loss(w, h, batch)
         return loss, loss.detach()
 
-    (g_params, g_hparams), loss = _grads(outer, params, hparams)
+    (g_params, g_hparams), loss = grads(outer, params, hparams)
     return g_params, g_hparams, loss
 
 
@@ -157,7 +134,7 @@ class Unrolled:
             loss = problem.outer_loss(w, h, outer_batch)
             return loss, (loss.detach(), tree.detach(w), info)
 
-        (g,), (loss, params, info) = _grads(outer, hparams)
+        (g,), (loss, params, info) = grads(outer, hparams)
         return Hypergrad(g, loss, params, info)
 
 

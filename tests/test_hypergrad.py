@@ -160,15 +160,17 @@ def test_jfb_is_zeroth_order_neumann_on_a_fixed_point():
     assert rel(bl.jfb(condition=bl.fixed_point(T))(problem, h, None, c, w0).grad["lam"], c) < 1e-12
 
 
-@pytest.mark.parametrize("method", [bl.Unrolled(), bl.FirstOrder(), bl.imaml(2.0, cg_steps=5)],
-                         ids=["unrolled", "first_order", "imaml"])
-def test_top_level_autograd_path_equals_torch_func_path(method):
-    # At the top level the outermost reverse pass is plain autograd; under a transform (here: hparams tracked by
-    # autograd, which keeps torch.func.grad so the result stays differentiable) it is torch.func. Same numbers.
+@pytest.mark.parametrize("method, proximal", [(bl.Unrolled(), False), (bl.Unrolled(), True), (bl.FirstOrder(), False),
+                                              (bl.imaml(2.0, cg_steps=5), True)],
+                         ids=["unrolled", "unrolled_proximal", "first_order", "imaml"])
+def test_top_level_autograd_path_equals_torch_func_path(method, proximal):
+    # At the top level the gradients are plain autograd; under a transform (here: hparams tracked by autograd, which
+    # keeps torch.func.grad so the result stays differentiable) they are torch.func. Same numbers, also when the
+    # inner loss reads the hparams that the params start as (meta_init + proximal: params and hparams alias).
     theta = mlp_params(batch_norm=True)
     (xs, ys), (xq, yq) = fewshot_tasks()
     problem = maml_problem(lr=0.3, steps=2)
-    if isinstance(method, bl.Implicit):
+    if proximal:
         problem = bl.Problem(bl.proximal(problem.inner_loss, 2.0), problem.outer_loss, problem.solver,
                              init=bl.meta_init)
     top = method(problem, theta, (xs[0], ys[0]), (xq[0], yq[0]))
