@@ -53,6 +53,7 @@ GROUPS = {
 }
 GRAD_RTOL = {"maml1": 1e-4, "maml5": 1e-4, "fo1": 1e-4,  # float32: the implementations sum in different orders
              "imaml5": 1e-3}  # 5 CG steps on a system that is indefinite at this θ amplify the rounding differences
+THREADS_RTOL = 1e-3  # one intra-op thread against several: oneDNN picks other conv kernels (float32: 5e-5 to 6e-4)
 MARKERS = ("<!-- side_by_side:start -->", "<!-- side_by_side:end -->")
 
 
@@ -75,9 +76,10 @@ def run_group(name: str, threads: int, repeats: int, tasks: int) -> dict:
         grad = {k: v.detach().clone() for k, v in step().items()}
         first = first or grad
         diffs[key] = rel_diff(grad, first)
-        if not diffs[key] <= GRAD_RTOL[name]:
+        rtol = max(GRAD_RTOL[name], THREADS_RTOL if threads > 1 and ":threads" in key else 0.0)
+        if not diffs[key] <= rtol:
             raise RuntimeError(f"side_by_side {name}: {key}'s meta-gradient differs from {next(iter(steps))}'s by "
-                               f"{diffs[key]:.1e} relative (> {GRAD_RTOL[name]:.0e}); they do not compute the same thing.")
+                               f"{diffs[key]:.1e} relative (> {rtol:.0e}); they do not compute the same thing.")
     wall = {k: [] for k in steps}
     cpu = {k: [] for k in steps}
     load_before = os.getloadavg()

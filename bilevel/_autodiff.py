@@ -20,16 +20,18 @@ from .tree import pytree
 Tree = dict
 
 
-def _leaves(tree: Tree, keep_tracked: bool) -> Tree:
-    """``tree`` with every tensor an input of its own: tracked tensors as aliases that stay connected to their graph
-    (if asked), others as fresh leaves.
+def _leaves(tree: Tree, keep_tracked: bool, others=()) -> Tree:
+    """``tree`` with every tensor an input of its own: tracked tensors kept connected to their graph (if asked),
+    others as fresh leaves.
 
     Own identity matters: with ``meta_init`` the params *are* the hparams' tensors, and ``autograd.grad`` with respect
     to a tensor the loss also reads as an hparam would add that path too, where ``torch.func.grad(argnums=0)`` takes
-    the partial derivative with respect to params alone. ``view_as`` gives an alias whose uses are its own.
+    the partial derivative with respect to params alone. A tracked tensor that is also one of ``others`` becomes a
+    ``view_as`` alias, whose uses are its own.
     """
-    return {k: v.view_as(v) if keep_tracked and v.requires_grad else v.detach().requires_grad_()
-            for k, v in tree.items()}
+    shared = {id(t) for t in others}
+    return {k: (v.view_as(v) if id(v) in shared else v) if keep_tracked and v.requires_grad
+            else v.detach().requires_grad_() for k, v in tree.items()}
 
 
 def _autograd(value: torch.Tensor, inputs: list, create_graph: bool) -> list:
@@ -68,7 +70,7 @@ def gradient(loss: Callable) -> Callable:
         tracked = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
                                                   for v in pytree.tree_leaves((params, hparams)))
         with torch.enable_grad():
-            leaves = _leaves(params, keep_tracked=tracked)
+            leaves = _leaves(params, keep_tracked=tracked, others=pytree.tree_leaves(hparams))
             found = _autograd(loss(leaves, hparams, batch), list(leaves.values()), create_graph=tracked)
         return _zeros_for_none(params, found)
 

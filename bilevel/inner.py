@@ -86,13 +86,12 @@ class InnerSolver:
         state = self.init(params) if state is None else state
         grad_fn = gradient(inner_loss)
         ref = next(iter(params.values()))
-        if info is None or not isinstance(info.scale, torch.Tensor):
+        fresh = info is None or not isinstance(info.scale, torch.Tensor)
+        if fresh:  # the flags are never changed in place: one false and one NaN serve them all
+            false, nan = ref.new_zeros((), dtype=torch.bool), ref.new_full((), float("nan"))
             info = SolveInfo(steps=ref.new_zeros((), dtype=torch.long), residual=ref.new_full((), float("inf")),
-                             converged=ref.new_zeros((), dtype=torch.bool),
-                             nonfinite=ref.new_zeros((), dtype=torch.bool),
-                             indefinite=ref.new_zeros((), dtype=torch.bool),
-                             diverged=ref.new_zeros((), dtype=torch.bool),
-                             curvature=ref.new_full((), float("nan")), scale=ref.new_full((), float("nan")))
+                             converged=false, nonfinite=false, indefinite=false, diverged=false, curvature=nan,
+                             scale=nan)
         count, residual, done, bad = info[:4]
         scale = info.scale  # a resumed run keeps the scale of the first start
         early = self.tol is not None or self.rtol is not None  # static: per-step norms and masks only if asked
@@ -106,9 +105,9 @@ class InnerSolver:
                 break
             g = grad_fn(params, hparams, batch)
             if early or step == 0 or step == steps - 1:
-                gnorm = tree.norm(g).detach()
+                gnorm = tree.norm_value(g)
                 if step == 0:
-                    scale = torch.where(torch.isnan(scale), gnorm, scale)
+                    scale = gnorm if fresh else torch.where(torch.isnan(scale), gnorm, scale)
                 residual = gnorm
             new_params, new_state = self.update(g, state, params, hparams)
             if early:

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._host import _under_transform
+
 # torch has no public pytree module: torch.utils._pytree is private, though torch.func walks its own arguments with
 # it. It is imported here only; the rest of bilevel reaches it as `tree.pytree` (or the two names below), and
 # tests/test_dependencies.py pins what bilevel uses of it, so a torch release that changes it fails one named test.
@@ -48,6 +50,16 @@ def vdot(a: Tree, b: Tree) -> Tensor:
 
 def norm(a: Tree) -> Tensor:
     return torch.sqrt(vdot(a, a))
+
+
+def norm_value(a: Tree) -> Tensor:
+    """``norm(a)`` as a value outside every autograd graph (a diagnostic): one fused ``_foreach_norm`` over the leaves
+    where it can run (no ``torch.func`` transform, one dtype), a few ops per leaf otherwise."""
+    with torch.no_grad():
+        leaves = list(a.values())
+        if _under_transform() or len({v.dtype for v in leaves}) > 1:
+            return norm(a).detach()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
 
 
 def zeros_like(a: Tree) -> Tree:
