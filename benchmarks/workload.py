@@ -11,7 +11,6 @@ network with stride-2 convs, ``Config.pool="max"`` the 2x2 max-pool variant; 28x
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,34 +156,12 @@ def make_higher_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
     return step
 
 
-@functools.cache
 def load_learn2learn_maml():
-    """``learn2learn.algorithms.MAML`` without importing the rest of learn2learn.
+    """``learn2learn.algorithms.MAML``, through ``bilevel.interop.learn2learn.load`` (which works without gym and
+    torchvision)."""
+    from bilevel.interop import learn2learn as bl_l2l
 
-    ``import learn2learn`` pulls in its vision and gym modules, which need gym and torchvision; PyPI's
-    torchvision wheels are linked against CUDA builds of torch and do not load next to torch's CPU build. MAML
-    needs only ``learn2learn.utils`` and ``learn2learn.algorithms.base_learner``, loaded here from the installed
-    package.
-    """
-    try:
-        from learn2learn.algorithms import MAML
-        return MAML
-    except ImportError:
-        pass
-    import importlib.util
-    import sys
-    import types
-
-    spec = importlib.util.find_spec("learn2learn")
-    if spec is None:
-        raise ImportError("learn2learn is not installed: run benchmarks/install_peers.sh")
-    for name in ("learn2learn", "learn2learn.algorithms"):
-        sys.modules.pop(name, None)
-        package = types.ModuleType(name)  # an empty package: its __init__ (and the torchvision import) is skipped
-        package.__path__ = [spec.submodule_search_locations[0] + name[len("learn2learn"):].replace(".", "/")]
-        sys.modules[name] = package
-    from learn2learn.algorithms.maml import MAML
-    return MAML
+    return bl_l2l.load().algorithms.MAML
 
 
 def make_learn2learn_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
