@@ -15,8 +15,10 @@ install: .installed
 	PYTHON=$(PYTHON) bash tools/install_learn2learn.sh   # its sdist does not build as shipped (see the script)
 	touch $@
 
-# Each demo run gets its own folder (runs/omniglot/demo-<UTC time>): a run never replaces another.
+# Each demo run gets its own folder (runs/omniglot/demo-<UTC time>): a run never replaces another. glibc keeps the
+# memory it frees (no page faults on every task's activations: 1.2x, see "The memory allocator" in docs/benchmarks.md).
 demo: install
+	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
 	$(PYTHON) examples/omniglot_fewshot.py run.name=demo-$$(date -u +%Y%m%d-%H%M%S)
 
 test: install

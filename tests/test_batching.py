@@ -96,11 +96,14 @@ def test_threads_equal_loop(name, workers):
     assert all(torch.equal(par.grad[k], again.grad[k]) for k in theta)  # deterministic for a given worker count
 
 
-def test_threads_run_in_worker_threads_with_one_intra_op_thread_and_raise_their_errors():
-    seen = set()
+def test_threads_run_concurrently_in_worker_threads_with_one_intra_op_thread_and_raise_their_errors():
+    seen, barrier = set(), threading.Barrier(2, timeout=60)
 
     def loss(w, h, b):
-        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        name = threading.current_thread().name
+        if name not in {n for n, _ in seen}:
+            seen.add((name, torch.get_num_threads()))
+            barrier.wait()  # each group's first call waits for the other's: they run at the same time
         if bool((b[0] == 99).any()):
             raise RuntimeError("bad task")
         return task_loss(w, h, b)
@@ -109,10 +112,11 @@ def test_threads_run_in_worker_threads_with_one_intra_op_thread_and_raise_their_
     (xs, ys), (xq, yq) = fewshot_tasks(num_tasks=4)
     bl.meta_grad(bl.Unrolled(), problem, mlp_params(), (xs, ys), (xq, yq), batching="threads", workers=2,
                  on_nonconvergence="ignore")
-    assert {n.split("_")[0] for n, _ in seen} == {"bilevel-tasks"} and {t for _, t in seen} == {1}
-    assert len({n for n, _ in seen}) == 2
+    assert len(seen) == 2 and all(n.startswith("bilevel-tasks") and t == 1 for n, t in seen)
     xs = xs.clone()
     xs[3] = 99
+    seen.clear()
+    barrier.reset()
     with pytest.raises(RuntimeError, match="bad task"):
         bl.meta_grad(bl.Unrolled(), problem, mlp_params(), (xs, ys), (xq, yq), batching="threads", workers=2)
 
