@@ -22,7 +22,7 @@ from .tree import pytree
 
 from . import tree
 from ._autodiff import gradient
-from ._host import _under_vmap
+from ._host import _cadence, _check_now, _under_vmap
 from .types import HParams, LossFn, Params, SolveInfo, default_tol
 
 Rate = Union[float, str]
@@ -97,11 +97,12 @@ class InnerSolver:
         early = self.tol is not None or self.rtol is not None  # static: per-step norms and masks only if asked
         tol = -1.0 if self.tol is None else self.tol
         rtol = (-1.0 if early else default_tol(ref.dtype)) if self.rtol is None else self.rtol
-        # outside vmap a converged solve can simply stop (the masked steps would change nothing); checked every
-        # few steps because the check is a host sync
+        # outside vmap a converged solve can simply stop (the masked steps would change nothing); the check is a host
+        # read, made every step on the CPU and every few off it (bilevel._host's cadence)
         can_stop = early and (tol > 0 or rtol > 0) and not _under_vmap()
+        every = _cadence(None, ref.device)
         for step in range(steps):
-            if can_stop and step % 8 == 0 and bool(done):
+            if can_stop and _check_now(step, every) and bool(done):
                 break
             g = grad_fn(params, hparams, batch)
             if early or step == 0 or step == steps - 1:

@@ -150,7 +150,7 @@ def test_a_host_read_on_meta_fails_and_is_what_check_every_0_removes():
 @pytest.mark.parametrize("batched", [False, True], ids=["one_task", "vmap"])
 def test_inner_solvers_run_on_the_meta_device(inner, batched):
     """The meta-method matrix is in test_precision.py (with gradient descent); here the other inner solver. A
-    tolerance on the inner solver reads convergence on the host (every 8 steps), which meta cannot do."""
+    tolerance on the inner solver reads convergence on the host (every 8 steps off the CPU), which meta cannot do."""
     loss, theta, (x, y) = meta_mlp("meta")
     problem = bl.Problem(loss, loss, inner, init=bl.meta_init)
 

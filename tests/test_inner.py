@@ -77,3 +77,17 @@ def test_rtol_stops_early_relative_to_the_start_and_resuming_keeps_the_scale():
     head_params, state, head = solver.run(loss, {"x": torch.zeros(2, dtype=f64)}, {}, batch, steps=3)
     _, _, tail = solver.run(loss, head_params, {}, batch, steps=397, state=state, info=head)
     assert float(tail.scale) == float(info.scale) and int(tail.steps) == int(info.steps)
+
+
+def test_a_converged_solve_stops_at_once_on_the_cpu():
+    # the early stop is read on the host every step on the CPU (every 8 elsewhere): no gradient is evaluated after
+    # the one that showed convergence
+    calls = {"n": 0}
+
+    def loss(w, h, b):
+        calls["n"] += 1
+        return 0.5 * ((w["x"] - 1.0) ** 2).sum()
+
+    params, info = bl.GradientDescent(lr=0.5, steps=400, tol=1e-8)(loss, {"x": torch.zeros(3, dtype=f64)}, {}, None)
+    assert bool(info.converged) and 20 <= int(info.steps) < 40
+    assert calls["n"] == int(info.steps) + 1
