@@ -53,7 +53,6 @@ import json
 import os
 import signal
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +63,7 @@ import bilevel as bl
 from bilevel.interop import learn2learn as bl_l2l
 from examples.learn2learn_omniglot import accuracy
 from tasks.omniglot.data import load_omniglot
+from tasks.run_folder import atomic_write
 from tasks.omniglot.sampler import TaskSampler
 from tasks.omniglot.splits import make_split
 from tasks.omniglot.train import VAL_SEED
@@ -229,28 +229,9 @@ def experiment_differences(saved: dict, now: dict) -> list[str]:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    ``os.replace`` is atomic within a file system: a session killed at any moment leaves either the previous
-    checkpoint or the new one, never a torn file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """``torch.save`` through ``tasks.run_folder.atomic_write``: a session killed at any moment leaves either the
+    previous checkpoint or the new one, never a torn file."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict:

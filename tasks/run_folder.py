@@ -11,8 +11,9 @@ A script claims it before any work:
 - the folder must be writable (checked by writing a probe file and the lock) before the data is loaded;
 - temporary files left by a write that was killed before its rename (``<file>*.tmp``) are removed.
 
-Checkpoints are loaded with ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled, so a
-crafted file cannot run code.
+Every file of a run is written by `atomic_write` (a temporary file, fsync, rename, fsync of the folder): a kill at
+any moment leaves the previous version or the new one. Checkpoints are loaded with ``torch.load(weights_only=True)``:
+only tensors and plain containers are unpickled, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pickle
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +33,37 @@ import torch
 __all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "LOCK"]
 
 LOCK = "run.lock"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Run ``write(file)`` on a temporary file beside ``path`` and rename it into place.
+
+    The data is fsynced before the rename and the folder after it, so the new version is durable once this returns
+    and a kill at any moment leaves the old or the new file, never a torn one. The file gets a normal file's
+    permissions (``mkstemp`` creates 0600). An ``OSError`` (a full disk) names the file and keeps the old version.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise type(err)(err.errno, f"{err.strerror} (writing {path}; its previous version is intact)") from None
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class RunFolderError(ValueError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.run_folder import RunFolder, RunFolderError, load_checkpoint
+from tasks.run_folder import RunFolder, RunFolderError, atomic_write, load_checkpoint
 
 FILES = ("results.json", "model.pt", "plots")  # a script's run: two files and a folder
 
@@ -136,3 +136,26 @@ def test_load_checkpoint_takes_weights_and_refuses_the_rest(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:50])
     with pytest.raises(RunFolderError, match=r"cut\.pt is damaged"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_gives_normal_permissions(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    atomic_write(path, lambda f: f.write(b"old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"old" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+    def dies(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+    def full(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*results.json; its previous version"):
+        atomic_write(path, full)
+    assert path.read_bytes() == b"old"

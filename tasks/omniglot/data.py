@@ -21,7 +21,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ..run_folder import atomic_write
 
 __all__ = ["OmniglotImages", "load_omniglot", "resolve_root", "cache_dir", "OFFICIAL"]
 
@@ -94,26 +95,6 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return base / "omniglot" if (base / "omniglot").is_dir() else base
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(file)`` on a temporary file beside ``path`` and rename it into place (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())   # the data is on disk before the rename makes it the file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; the result gets the permissions of a normal file
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno is not None:   # e.g. a full disk: say which file, keep the type
-            raise type(err)(err.errno, f"{err.strerror} (writing {path}; its previous version is intact)") from None
-        raise
-
-
 def download(name: str, root: Path) -> Path:
     """Download an official zip into ``root`` and verify its md5; fail with a message saying where files go."""
     if name not in OFFICIAL:
@@ -133,7 +114,7 @@ def download(name: str, root: Path) -> Path:
     if digest != md5:
         raise ValueError(f"download of {url} has md5 {digest}, expected {md5}: corrupt or changed upstream; "
                          f"place a verified copy at {target}.")
-    _atomic_write(target, lambda f: f.write(payload))
+    atomic_write(target, lambda f: f.write(payload))
     return target
 
 
@@ -249,7 +230,7 @@ def _cache_writable(path: Path) -> bool:
 def _write_cache(path: Path, data: OmniglotImages, fingerprint: str) -> None:
     """Write the cache atomically; an unwritable cache folder is a warning, since the cache is optional."""
     try:
-        _atomic_write(path, lambda f: torch.save({"images": data.images, "characters": list(data.characters),
+        atomic_write(path, lambda f: torch.save({"images": data.images, "characters": list(data.characters),
                                                   "fingerprint": fingerprint}, f))
     except OSError as err:
         warnings.warn(f"cannot write the Omniglot image cache {path} ({err.strerror or err}); continuing without a "

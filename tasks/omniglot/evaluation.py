@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import PROXIMAL, OmniglotConfig, test_reg, validate
-from .data import _atomic_write
+from ..run_folder import atomic_write
 from .solvers import inner_solver
 
 __all__ = ["test_solver", "test_reg", "select_test_adaptation", "evaluate_only", "EVAL_KEYS"]
@@ -107,7 +107,7 @@ def evaluate_only(run_dir: Path, overrides: list[str], build, evaluate, load_che
     reg = f"-reg{adaptation['reg']:g}" if proximal else ""
     name = f"eval-step{chosen['step']}-lr{adaptation['lr']:g}x{adaptation['steps']}{reg}.json"
     path = _unique(run_dir / name)
-    _atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     lam = f", proximal lambda {adaptation['reg']:g}" if adaptation["reg"] else ""
     print(f"{run_dir.name} ({source.name}, meta-step {chosen['step']}): test accuracy "
           f"{100 * test['accuracy']:.2f} +- {100 * test['ci95']:.2f} % (95% CI, {test['tasks']} tasks; inner lr "

@@ -40,7 +40,8 @@ from . import distributed as dist
 from tasks.config import parse_cli, resolve_device
 
 from .config import PROXIMAL, OmniglotConfig, load_config
-from .data import _atomic_write, load_omniglot
+from ..run_folder import atomic_write
+from .data import load_omniglot
 from .evaluation import evaluate_only, select_test_adaptation, test_reg, test_solver
 from .model import Conv4, cross_entropy_loss
 from .solvers import MiniBatches, PullBack
@@ -180,7 +181,8 @@ def meta_step(work: Workload, hparams, tasks: Tasks):
     cfg = work.cfg.meta
     inner, outer = (tasks.support, tasks.support_labels), (tasks.query, tasks.query_labels)
     out = bl.meta_grad(work.method, work.problem, hparams, inner, outer, batching=cfg.batching,
-                       chunk_size=cfg.chunk_size, workers=cfg.workers, on_nonconvergence=cfg.on_nonconvergence, precision=cfg.precision,
+                       chunk_size=cfg.chunk_size, workers=cfg.workers, on_nonconvergence=cfg.on_nonconvergence,
+                       precision=cfg.precision,
                        # applied after the (all-)reduce, on every rank together; skip_task drops tasks here
                        on_nonfinite="skip_task" if cfg.on_nonfinite == "skip_task" else "ignore")
     with torch.no_grad():
@@ -228,7 +230,7 @@ def meta_lr(cfg: DictConfig, step: int) -> float:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _plot_curves(path: Path, history: dict, title: str) -> None:
@@ -256,7 +258,7 @@ def _plot_curves(path: Path, history: dict, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -469,7 +471,7 @@ def _main(cfg: DictConfig, data=None) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": " ".join(sys.argv), "config": OmegaConf.to_container(cfg),
         }
-        _atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+        atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
         t = cfg.task
         _plot_curves(run_dir / "curves.png", history,
                      f"{cfg.run.name}: {cfg.method.name}, {t.ways}-way {t.shots}-shot, {cfg.data.protocol} split, "

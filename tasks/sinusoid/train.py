@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import bilevel as bl
 
 from tasks.config import ConfigError, parse_cli, resolve_device
-from tasks.run_folder import RunFolder, RunFolderError, load_checkpoint
+from tasks.run_folder import RunFolder, RunFolderError, atomic_write, load_checkpoint
 
 from .config import load_config
 from .inner import CurvatureScaledGD
@@ -224,15 +224,6 @@ def meta_lr(cfg: DictConfig, step: int) -> float:
     return cfg.meta.lr
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and ``os.replace``: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 METRICS = ("loss", "inner_residual", "inner_relative", "inner_relative_max", "linear_residual", "linear_residual_p90",
            "linear_residual_max", "unconverged", "indefinite", "skipped")
 
@@ -261,7 +252,7 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def _plot_curves(path: Path, history: dict, title: str, implicit: bool) -> None:
@@ -310,7 +301,7 @@ def _plot_curves(path: Path, history: dict, title: str, implicit: bool) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -402,7 +393,7 @@ def _main(cfg: DictConfig) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
     def checkpoint(step):
-        _atomic_write(ckpt_path, lambda f: torch.save({
+        atomic_write(ckpt_path, lambda f: torch.save({
             "step": step, "hparams": {k: v.detach() for k, v in hparams.items()}, "optimizer": opt.state_dict(),
             "history": history, "elapsed": elapsed, "cpu": cpu, "config": OmegaConf.to_container(cfg)}, f))
 
@@ -463,7 +454,7 @@ def _main(cfg: DictConfig) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "invocations": history["invocations"],
         "config": OmegaConf.to_container(cfg),
     }
-    _atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+    atomic_write(run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     _write_metrics(run_dir / "metrics.csv", _metrics_rows(history, cfg.run.log_every))
     shown = ", ".join(f"{v['mean']:.3f} +- {v['ci95']:.3f} ({n} steps)" for n, v in test["steps"].items())
     _plot_curves(run_dir / "curves.png", history,
