@@ -408,27 +408,6 @@ def test_single_query_is_refused_and_the_inductive_mode_does_not_depend_on_the_b
     torch.testing.assert_close(alone, together)
 
 
-def test_atomic_writes_get_the_permissions_of_a_normal_file(tmp_path):
-    umask = os.umask(0o022)
-    try:
-        omniglot_data._atomic_write(tmp_path / "results.json", lambda f: f.write(b"{}"))
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644   # readable by others, as open() gives
-
-
-def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
-    target = tmp_path / "checkpoint.pt"
-    target.write_bytes(b"old")
-
-    def full_disk(f):
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match=r"No space left on device \(writing .*checkpoint\.pt"):
-        omniglot_data._atomic_write(target, full_disk)
-    assert target.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
-
-
 def test_labels_given_as_a_tensor_name_classes_by_value(small, clf):
     x, y = _support(small)
     task = clf.adapt(x, torch.tensor(y))
