@@ -53,13 +53,14 @@ def norm(a: Tree) -> Tensor:
 
 
 def norm_value(a: Tree) -> Tensor:
-    """``norm(a)`` as a value outside every autograd graph (a diagnostic): one fused ``_foreach_norm`` over the leaves
-    where it can run (no ``torch.func`` transform, one dtype), a few ops per leaf otherwise."""
+    """``norm(a)`` as a value outside every autograd graph (a diagnostic): ``torch.nn.utils.get_total_norm``, one
+    fused kernel over the leaves, where it can run (no ``torch.func`` transform, one dtype); a few ops per leaf
+    otherwise."""
     with torch.no_grad():
         leaves = list(a.values())
         if _under_transform() or len({v.dtype for v in leaves}) > 1:
             return norm(a).detach()
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
+        return torch.nn.utils.get_total_norm(leaves)
 
 
 def zeros_like(a: Tree) -> Tree:
