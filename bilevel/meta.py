@@ -312,7 +312,7 @@ def meta_grad(method, problem: Problem, hparams: HParams, inner_batches: Batch, 
         if batching == "loop":
             total, losses, rest, oks = run(range(num_tasks))
         else:
-            parts = [p for p in _run_in_threads(run, num_tasks, workers) if p[0] is not None]
+            parts = _run_in_threads(run, num_tasks, workers)   # every group holds a task
             total = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}  # the groups' sums, in task order
             losses, rest, oks = ([x for p in parts for x in p[j]] for j in (1, 2, 3))
         params, inner_info, linear_info = pytree.tree_map(lambda *xs: torch.stack(xs), *rest)
