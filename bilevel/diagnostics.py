@@ -89,6 +89,32 @@ def _policy(policy: str, error: type, message: str):
                       stacklevel=4)
 
 
+# Fused normalisations whose double backward PyTorch differentiates as if the batch statistics were constants, so
+# that third and higher derivatives through them are wrong in training mode (torch <= 2.13: pytorch/pytorch#186256 for
+# batch and instance norm, #175754 for layer norm). A differentiable hypergradient whose graph holds one of these
+# nodes is wrong as soon as it is differentiated again.
+_BATCH_NORM = ("batch norm", "pytorch/pytorch#186256")
+_WRONG_ABOVE_SECOND_ORDER = {"NativeBatchNormBackwardBackward0": _BATCH_NORM, "CudnnBatchNormBackwardBackward0":
+                             _BATCH_NORM, "MiopenBatchNormBackwardBackward0": _BATCH_NORM,
+                             "NativeLayerNormBackwardBackward0": ("layer norm", "pytorch/pytorch#175754")}
+
+
+def _fused_norm_in_graph(grads) -> Optional[tuple[str, str]]:
+    """``(name, upstream issue)`` of the first fused training-mode normalisation in the autograd graph of ``grads``,
+    or ``None``."""
+    seen, stack = set(), [g.grad_fn for g in grads if g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        norm = _WRONG_ABOVE_SECOND_ORDER.get(type(node).__name__)
+        if norm is not None and getattr(node, "_saved_train", True):  # eval-mode batch norm is affine: exact
+            return norm
+        stack.extend(parent for parent, _ in node.next_functions)
+    return None
+
+
 def _linear_problem(solver, info: SolveInfo, bad: torch.Tensor) -> tuple[str, str]:
     """``(cause, message)`` for an unconverged adjoint solve: the fix first, then what happened."""
     base = getattr(solver, "solver", solver)  # IMAMLSystem wraps a Krylov solver
@@ -122,7 +148,9 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
     solve; ``Unrolled``, ``Forward``, ``FirstOrder`` and ``Reptile`` differentiate (or approximate) the finite
     computation, so for them only non-finite values are errors. Warnings are short, name the fix first, and come
     once per call site and cause (then at the 10th, 100th ... time, with the count); the numbers behind them are in
-    ``Hypergrad.inner_info`` / ``linear_info``. Tasks dropped by ``on_nonfinite="skip_task"`` (``out.kept``) are
+    ``Hypergrad.inner_info`` / ``linear_info``. A hypergradient that stays differentiable (hparams tracked by
+    autograd) is searched for fused training-mode batch or layer norm, whose third derivatives PyTorch gets wrong:
+    a warning says so. Tasks dropped by ``on_nonfinite="skip_task"`` (``out.kept``) are
     reported as such and not judged otherwise.
     """
     if on_nonconvergence not in POLICIES:
@@ -130,6 +158,14 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite={on_nonfinite!r}: must be one of {NONFINITE_POLICIES}.")
     name = type(method).__name__
+    if any(g.grad_fn is not None for g in out.grad.values()):  # hparams tracked: the result will be differentiated
+        found = _fused_norm_in_graph(out.grad.values())
+        if found is not None:
+            norm, issue = found
+            _warn_counted(f"{norm} third order",
+                          f"Write {norm} from primitive ops (docs: failure modes) before differentiating this "
+                          f"hypergradient again: PyTorch's fused training-mode {norm} gives wrong third "
+                          f"derivatives ({issue}).", RuntimeWarning)
     kept = out.kept if out.kept is not None else None
     if kept is not None:
         if not bool(kept.any()):
