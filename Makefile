@@ -4,7 +4,7 @@ PYTHON ?= python
 export BILEVEL_DATA ?= $(abspath ../shared/data)
 export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: install demo test docs docs-build
+.PHONY: install demo test lint docs docs-build
 
 install: .installed
 
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+lint: install   # pyflakes and pycodestyle at 120 columns (pyproject.toml, [tool.ruff])
+	$(PYTHON) -m ruff check .
 
 # The documentation site (mkdocs.yml, docs/): serve it at http://127.0.0.1:8000, or build it into site/ as CI does.
 docs: install

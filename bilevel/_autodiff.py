@@ -3,8 +3,9 @@
 Every method is written with ``torch.func`` so that it runs under ``vmap``, ``jvp`` and ``grad``. Outside every
 transform, ``torch.func.grad`` would still wrap each operation of the loss and of its backward pass: a MAML
 meta-step on 1-query tasks written with it costs 1.38x the same by plain autograd
-(``benchmarks/per_task_overhead.py``); there these helpers call ``torch.autograd.grad`` instead. Inputs that autograd already tracks stay tracked (``create_graph``), so a result
-remains differentiable exactly when ``torch.func.grad``'s would be.
+(``benchmarks/per_task_overhead.py``); there these helpers call ``torch.autograd.grad`` instead. Inputs that
+autograd already tracks stay tracked (``create_graph``), so a result remains differentiable exactly when
+``torch.func.grad``'s would be.
 """
 
 from __future__ import annotations

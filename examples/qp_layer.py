@@ -105,7 +105,8 @@ def learn_constraints(cfg: Config, g: torch.Generator) -> dict:
     for step in range(cfg.steps + 1):
         if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps:
             with torch.no_grad():
-                errors.append(dict(step=step, test_mse=float(((project(test_x, *sides()) - test_y) ** 2).sum(-1).mean())))
+                test_mse = float(((project(test_x, *sides()) - test_y) ** 2).sum(-1).mean())
+                errors.append(dict(step=step, test_mse=test_mse))
             print(json.dumps(errors[-1]))
         if step == cfg.steps:
             break

@@ -16,7 +16,8 @@ X, y = (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()
 train, val = (X[:300], y[:300]), (X[300:], y[300:])
 
 mse = lambda w, batch: 0.5 * ((batch[0] @ w["w"] - batch[1]) ** 2).mean()
-inner_loss = lambda params, hparams, batch: mse(params, batch) + 0.5 * hparams["log_wd"].exp() * (params["w"] ** 2).sum()
+wd = lambda params, hparams: 0.5 * hparams["log_wd"].exp() * (params["w"] ** 2).sum()
+inner_loss = lambda params, hparams, batch: mse(params, batch) + wd(params, hparams)
 outer_loss = lambda params, hparams, batch: mse(params, batch)
 problem = bl.Problem(inner_loss, outer_loss, bl.GradientDescent(lr=0.4, steps=600, tol=1e-10))
 hparams, params0 = {"log_wd": torch.tensor(-2.0)}, {"w": torch.zeros(X.shape[1])}

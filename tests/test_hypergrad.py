@@ -151,7 +151,8 @@ def test_jfb_is_zeroth_order_neumann_on_a_fixed_point():
     inner = lambda w, h, b: 0.5 * ((w["z"] - T(w, h, b)["z"]) ** 2).sum()  # noqa: E731
     outer = lambda w, h, b: (w["z"] * b).sum()  # noqa: E731
     problem = bl.Problem(inner, outer, bl.GradientDescent(lr=1.0, steps=200, tol=1e-12))
-    h, c, w0 = {"lam": torch.tensor([1.0, 2.0], dtype=f64)}, torch.tensor([1.0, -1.0], dtype=f64), {"z": torch.zeros(2, dtype=f64)}
+    h, c = {"lam": torch.tensor([1.0, 2.0], dtype=f64)}, torch.tensor([1.0, -1.0], dtype=f64)
+    w0 = {"z": torch.zeros(2, dtype=f64)}
     exact = c / (1 - a)
     for method in (bl.Implicit(bl.GMRES(steps=2), bl.fixed_point(T)),
                    bl.Implicit(bl.fixed_point_iteration(steps=200, tol=1e-14), bl.fixed_point(T)),

@@ -72,7 +72,8 @@ def _nonfinite_worker(rank: int, out: str):
         try:
             grad, metrics = ctx.all_reduce_mean(grad, {"loss": torch.tensor(1.0 + rank)},
                                                 nonfinite=torch.tensor(rank == 1))
-            results.append(f"{policy}: step {'skipped' if grad is None else grad['w'].tolist()}, loss {metrics['loss']}")
+            step = "skipped" if grad is None else grad["w"].tolist()
+            results.append(f"{policy}: step {step}, loss {metrics['loss']}")
         except bl.NonFiniteError:
             results.append(f"{policy}: raised")
     Path(out, f"rank{rank}").write_text("; ".join(results))

@@ -33,7 +33,8 @@ def reference_conv4(p, x, eps=1e-3):
     for i in range(4):
         x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], stride=2, padding=1)
         mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + eps) * p[f"norms.{i}.weight"][:, None, None] + p[f"norms.{i}.bias"][:, None, None]
+        x = (x - mean) / torch.sqrt(var + eps) * p[f"norms.{i}.weight"][:, None, None] \
+            + p[f"norms.{i}.bias"][:, None, None]
         x = x.relu()
         sizes.append(x.shape[-1])
     return x.mean((2, 3)) @ p["head.weight"].T + p["head.bias"], sizes

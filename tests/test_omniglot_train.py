@@ -79,7 +79,8 @@ def test_threads_batching_gives_the_loop_meta_step(small, tmp_path):
         work = train.build(tiny(tmp_path / batching, "method.name=maml", "task.queries=3",
                                 f"meta.batching={batching}",
                                 *(["meta.workers=2"] if batching == "threads" else [])), small)
-        grads[batching], _, acc, _ = train.meta_step(work, work.model.init_params(), work.samplers["train"].sample(0, 3))
+        tasks = work.samplers["train"].sample(0, 3)
+        grads[batching], _, acc, _ = train.meta_step(work, work.model.init_params(), tasks)
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads["loop"].values()))
     diff = torch.sqrt(sum(((grads["loop"][k] - grads["threads"][k]) ** 2).sum() for k in grads["loop"]))
     assert diff <= 1e-5 * norm and acc.shape == (3,)

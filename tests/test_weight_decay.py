@@ -348,7 +348,7 @@ def test_automatic_step_size_bounds_the_hessian():
     task = make_task("iris")
     L = curvature(task)
     params = {k: torch.randn_like(v) for k, v in task.params0.items()}
-    flat, unflatten = torch.cat([v.reshape(-1) for v in params.values()]), None
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
     shapes = {k: v.shape for k, v in params.items()}
 
     def loss(vector):

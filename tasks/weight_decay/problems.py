@@ -267,7 +267,8 @@ def make_task(
     if decay == "feature" and model == "mlp":
         raise ValueError("decay 'feature' is for linear models (ridge, logreg); use 'scalar' or 'parameter' for mlp.")
     if (n_train is not None and n_train <= 0) or (n_val is not None and n_val <= 0) or noise_features < 0:
-        raise ValueError(f"need n_train > 0, n_val > 0, noise_features >= 0 (got {n_train}, {n_val}, {noise_features}).")
+        raise ValueError(f"need n_train > 0, n_val > 0, noise_features >= 0 (got {n_train}, {n_val}, "
+                         f"{noise_features}).")
     check_data_name(dataset)
     source = data_source(dataset)
 

@@ -121,7 +121,8 @@ def solve_inner(task: WeightDecayTask, solver, hparams, params0, cost: Optional[
 def evaluate(task: WeightDecayTask, params) -> dict:
     """Validation and test loss (and accuracy for classifiers) at ``params``."""
     with torch.no_grad():
-        out = {"val_loss": float(task.data_loss(params, task.val)), "test_loss": float(task.data_loss(params, task.test))}
+        out = {"val_loss": float(task.data_loss(params, task.val)),
+               "test_loss": float(task.data_loss(params, task.test))}
         if task.model != "ridge":
             out["val_acc"] = float(task.accuracy(params, task.val))
             out["test_acc"] = float(task.accuracy(params, task.test))
