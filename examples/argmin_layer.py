@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from bilevel.layers import argmin, root  # noqa: E402
 from bilevel.linear_solve import CG  # noqa: E402
 from bilevel.root_find import Newton  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
+from tasks import config  # noqa: E402
 
 
 @dataclass
@@ -150,8 +150,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(argv))  # unknown keys are errors
-    run(Config(**OmegaConf.to_container(cfg)))
+    run(config.from_argv(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

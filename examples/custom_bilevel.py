@@ -39,13 +39,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import bilevel as bl  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
+from tasks import config  # noqa: E402
 
 
 @dataclass
@@ -229,8 +229,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(argv))  # unknown keys are errors
-    run(Config(**OmegaConf.to_container(cfg)))
+    run(config.from_argv(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

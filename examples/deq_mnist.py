@@ -35,13 +35,12 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
@@ -52,6 +51,7 @@ from bilevel.layers import fixed_point  # noqa: E402
 from bilevel.linear_solve import GMRES  # noqa: E402
 from bilevel.root_find import Anderson, Newton, Picard  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
+from tasks import config  # noqa: E402
 
 METHODS = ("unrolled", "anderson", "newton", "jfb")
 
@@ -216,14 +216,11 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv):
-    schema = OmegaConf.structured(Config)
-    cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))  # unknown keys and bad types are errors
+    cfg = config.from_argv(Config, argv, __doc__)
     if cfg.method not in METHODS + ("all",):
-        raise ValueError(f"method={cfg.method!r}: expected one of {METHODS + ('all',)}.")
-    methods = METHODS if cfg.method == "all" else (cfg.method,)
-    for method in methods:
-        cfg.method = method
-        run(Config(**OmegaConf.to_container(cfg)))
+        raise SystemExit(f"method={cfg.method!r}: use one of {', '.join(METHODS + ('all',))}.")
+    for method in METHODS if cfg.method == "all" else (cfg.method,):
+        run(replace(cfg, method=method))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bilevel.layers import Record, odeint  # noqa: E402
+from tasks import config  # noqa: E402
 
 
 @dataclass
@@ -128,8 +128,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(argv))  # unknown keys are errors
-    run(Config(**OmegaConf.to_container(cfg)))
+    run(config.from_argv(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

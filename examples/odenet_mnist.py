@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bilevel.layers import Record, odeint  # noqa: E402
 from bilevel.testing import saved_bytes  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
+from tasks import config  # noqa: E402
 
 
 @dataclass
@@ -119,8 +119,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(argv))  # unknown keys are errors
-    run(Config(**OmegaConf.to_container(cfg)))
+    run(config.from_argv(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

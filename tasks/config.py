@@ -34,8 +34,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "check", "choose",
-           "check_writable", "check_device", "resolve_device"]
+__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "from_argv", "check",
+           "choose", "check_writable", "check_device", "resolve_device"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -171,6 +171,25 @@ def parse_cli(argv: Sequence[str], default: str, options: dict[str, Optional[str
         else:
             overrides.append(arg)
     return name, overrides, flags
+
+
+def from_argv(schema: type, argv: Sequence[str], doc: Optional[str] = None):
+    """The ``schema`` dataclass from ``key=value`` arguments: the command line of a single-file example.
+
+    ``-h`` / ``--help`` prints ``doc`` and every key with its default, then exits; a mistake (an unknown key, a wrong
+    type, an argument that is not ``key=value``) exits with the one line of :func:`load`.
+    """
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        print((doc or "").strip() + "\n\noptions (key=value, defaults shown):\n"
+              + "\n".join(f"  {key}={value}" for key, value in defaults.items()))
+        raise SystemExit(0)
+    try:
+        return OmegaConf.to_object(load(schema, (), argv))
+    except ConfigError as err:
+        raise SystemExit(f"{str(err).rstrip('.')}. Options: {', '.join(OmegaConf.structured(schema))} (--help "
+                         f"for the defaults).") from None
 
 
 def check(ok: bool, message: str) -> None:

@@ -1,7 +1,10 @@
 """The workloads' one configuration helper (tasks/config.py): both workloads load through it and report every
 config mistake as one line naming the key or the file."""
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +67,32 @@ def test_parse_cli_splits_flags_config_and_overrides():
         parse_cli(["--bogus"], "d", options)
     with pytest.raises(SystemExit, match="--config needs a name, e.g. --config d"):
         parse_cli(["--config"], "d", options)
+
+
+@dataclass
+class Flat:
+    steps: int = 3  # a flat schema, as the single-file examples have
+
+
+def test_from_argv_gives_the_dataclass_help_and_one_line_errors(capsys):
+    assert config.from_argv(Flat, ["steps=5"]) == Flat(steps=5)
+    with pytest.raises(SystemExit) as exit_:
+        config.from_argv(Flat, ["--help"], "An example.")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == "An example.\n\noptions (key=value, defaults shown):\n  steps=3\n"
+    for argv, message in ((["stepz=5"], r"Key 'stepz' not in 'Flat'.*Options: steps \(--help"),
+                          (["steps=many"], "could not be converted to Integer"), (["steps"], "must be key=value")):
+        with pytest.raises(SystemExit, match=message) as exit_:
+            config.from_argv(Flat, argv)
+        assert "\n" not in str(exit_.value.code)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py") if "from_argv" in p.read_text()))
+def test_every_example_names_a_misspelt_option_in_one_line(example):
+    done = subprocess.run([sys.executable, str(EXAMPLES / example), "no_such_option=1"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Key 'no_such_option' not in 'Config'" in done.stderr
