@@ -57,6 +57,18 @@ def test_reference_network_sizes_parameters_and_forward():
     assert params["convs.1.weight"].abs().max() <= (6 / fan) ** 0.5
 
 
+def test_higher_reads_the_fast_weights_it_is_given():
+    # higher's `fmodel(x, params=...)` swaps parameters its own way (a forward reading the weights through the layers'
+    # attributes once ignored them, while `fmodel(x)` after `diffopt.step` still worked): both must see the weights.
+    higher = pytest.importorskip("higher", reason="a benchmark peer (benchmarks/install_peers.sh)")
+    model = Conv4(ways=5).double()
+    fast = {k: v + 0.1 * torch.randn_like(v) for k, v in model.init_params().items()}
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    fmodel = higher.monkeypatch(model, copy_initial_weights=True)
+    names = [name for name, _ in model.named_parameters()]
+    torch.testing.assert_close(fmodel(x, params=[fast[k] for k in names]), model.logits(fast, x))
+
+
 def test_max_pool_variant_is_kept_and_costs_more():
     model = Conv4(ways=5, pool="max")
     x = torch.rand(3, 1, 28, 28)

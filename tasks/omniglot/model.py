@@ -58,7 +58,7 @@ class Conv4(nn.Module):
         self.eps = 1e-3 if pool == "stride" else 1e-5
         self.convs = nn.ModuleList(nn.Conv2d(c, channels, 3, stride=stride, padding=1)
                                    for c in (in_channels,) + (channels,) * 3)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(channels, track_running_stats=False) for _ in range(4))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels, eps=self.eps, track_running_stats=False) for _ in range(4))
         self.head = nn.Linear(channels, ways)
         for conv in self.convs:
             nn.init.xavier_uniform_(conv.weight)
@@ -68,9 +68,12 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The same function as `logits`, through the layers themselves: libraries that patch a module's weights
-        # (functional_call, higher, learn2learn's clone) run this one. Tests hold the two equal.
+        # (functional_call, higher, learn2learn's clone) run this one. Tests hold the two equal. Every layer is
+        # called, not read: higher's `fmodel(x, params=...)` hands each layer its weights when it is called, so
+        # `norm.weight` read here would be the old one. Without running statistics a BatchNorm2d normalises by the
+        # batch's, in training and eval mode alike (transductive).
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(F.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True, eps=self.eps))
+            x = F.relu(norm(conv(x)))
             if self.pool == "max":
                 x = F.max_pool2d(x, 2)
         return self.head(x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1))
