@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.func import grad
 
 import bilevel as bl
+from benchmarks.workload import learn2learn_meta_grad
 from bilevel.interop import learn2learn as bl_l2l
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +60,7 @@ def build(queries: int, tasks: int = 32, seed: int = 0):
     maml = l2l.algorithms.MAML(copy.deepcopy(model), lr=LR, first_order=False)
 
     def learn2learn():
-        maml.zero_grad(set_to_none=True)
-        for i in range(tasks):
-            learner = maml.clone()
-            learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
-            (F.cross_entropy(learner(xq[i]), yq[i]) / tasks).backward()
-        return {k: p.grad for k, p in maml.module.named_parameters()}
+        return learn2learn_meta_grad(maml, ((xs, ys), (xq, yq)), tasks, steps=1)
 
     problem = bl.Problem(bl_l2l.module_loss(model), bl_l2l.module_loss(model), bl.GradientDescent(lr=LR, steps=1),
                          init=bl.meta_init)

@@ -164,21 +164,22 @@ def load_learn2learn_maml():
     return bl_l2l.load().algorithms.MAML
 
 
-def make_learn2learn_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
-    MAML = load_learn2learn_maml()
+def learn2learn_meta_grad(maml, data, tasks: int, steps: int) -> dict:
+    """The meta-gradient of ``l2l.algorithms.MAML`` as learn2learn's examples compute it: per task ``clone()``,
+    ``steps`` ``adapt()`` calls on the support loss, ``backward()`` of the query loss over ``tasks``."""
     (xs, ys), (xq, yq) = data
-    maml = MAML(model, lr=INNER_LR, first_order=cfg.method == "first_order")
+    maml.zero_grad(set_to_none=True)
+    for i in range(tasks):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(_ce(learner(xs[i]), ys[i]))
+        (_ce(learner(xq[i]), yq[i]) / tasks).backward()
+    return {k: v.grad for k, v in maml.module.named_parameters()}
 
-    def step():
-        maml.zero_grad(set_to_none=True)
-        for i in range(cfg.tasks):
-            learner = maml.clone()
-            for _ in range(cfg.steps):
-                learner.adapt(_ce(learner(xs[i]), ys[i]))
-            (_ce(learner(xq[i]), yq[i]) / cfg.tasks).backward()
-        return {k: v.grad for k, v in model.named_parameters()}
 
-    return step
+def make_learn2learn_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
+    maml = load_learn2learn_maml()(model, lr=INNER_LR, first_order=cfg.method == "first_order")
+    return lambda: learn2learn_meta_grad(maml, data, cfg.tasks, cfg.steps)
 
 
 def make_torchopt_step(cfg: Config, model: Conv4, data) -> Callable[[], dict]:
