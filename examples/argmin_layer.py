@@ -37,6 +37,7 @@ from bilevel.linear_solve import CG  # noqa: E402
 from bilevel.root_find import Newton  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
 from tasks import config  # noqa: E402
+from tasks.run_folder import ResultsFolder  # noqa: E402
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Config:
     seed: int = 0
     data_root: Optional[str] = None  # default: $BILEVEL_DATA
     out_dir: str = "runs/layers/argmin_layer"
+    overwrite: bool = False  # replace the results of an earlier run in out_dir (also: --overwrite)
 
 
 def kkt_check(seed: int = 0, n: int = 6, m: int = 2) -> dict:
@@ -103,8 +105,7 @@ def load(split, n, root):
 def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(cfg.out_dir, cfg.overwrite)  # before any work: an earlier run's results are kept
     results = dict(config=asdict(cfg), kkt=kkt_check(cfg.seed))
     print("KKT layer vs closed form (float64):", json.dumps(results["kkt"]))
 
@@ -145,12 +146,12 @@ def run(cfg: Config) -> dict:
         lam=float(log_lam.detach().exp()), max_rel_err_solution=worst_value, max_rel_err_grad=worst_grad,
         train_time_s=train_time)
     print("ridge head:", json.dumps(results["ridge_head"]))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    folder.save(results)
     return results
 
 
 def main(argv):
-    run(config.from_argv(Config, argv, __doc__))
+    config.run_from_argv(run, Config, argv, __doc__)
 
 
 if __name__ == "__main__":

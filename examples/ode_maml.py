@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import bilevel as bl  # noqa: E402
 from bilevel.layers import odeint  # noqa: E402
 from tasks import config  # noqa: E402
+from tasks.run_folder import ResultsFolder  # noqa: E402
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Config:
     threads: int = 1
     seed: int = 0
     out_dir: str = "runs/layers/ode_maml"
+    overwrite: bool = False  # replace the results of an earlier run in out_dir (also: --overwrite)
 
 
 class Field(nn.Module):
@@ -118,8 +120,7 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"method={cfg.method!r}: must be 'maml' or 'first_order'.")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(cfg.out_dir, cfg.overwrite)  # before any work: an earlier run's results are kept
     field = Field()
     hparams = {k: v.detach().clone().requires_grad_() for k, v in field.named_parameters()}
     problem, mse = make_problem(field, cfg)
@@ -145,12 +146,12 @@ def run(cfg: Config) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     results = dict(config=asdict(cfg), history=history, seconds_per_meta_step=wall / cfg.meta_steps,
                    cpu_minutes=cpu / 60)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    folder.save(results)
     return results
 
 
 def main(argv):
-    run(config.from_argv(Config, argv, __doc__))
+    config.run_from_argv(run, Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bilevel.layers import Record, odeint  # noqa: E402
 from tasks import config  # noqa: E402
+from tasks.run_folder import ResultsFolder  # noqa: E402
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Config:
     threads: int = 1
     seed: int = 0
     out_dir: str = "runs/layers/ode_spiral"
+    overwrite: bool = False  # replace the results of an earlier run in out_dir (also: --overwrite)
 
 
 TRUE_A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
@@ -82,8 +84,7 @@ def make_data(cfg: Config):
 def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(cfg.out_dir, cfg.overwrite)  # before any work: an earlier run's results are kept
     t, y0, true_y = make_data(cfg)
     field = Field()
     opt = torch.optim.RMSprop(field.parameters(), lr=cfg.lr)
@@ -123,12 +124,12 @@ def run(cfg: Config) -> dict:
                    cpu_minutes=cpu / 60, mean_nfe_forward=sum(nfe_fwd) / len(nfe_fwd),
                    mean_nfe_backward=sum(nfe_bwd) / len(nfe_bwd) if nfe_bwd else None)
     print(json.dumps({k: v for k, v in results.items() if k not in ("config", "history")}))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    folder.save(results)
     return results
 
 
 def main(argv):
-    run(config.from_argv(Config, argv, __doc__))
+    config.run_from_argv(run, Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from bilevel.layers import Record, odeint  # noqa: E402
 from bilevel.testing import saved_bytes  # noqa: E402
 from tasks.data import load_idx_dataset  # noqa: E402
 from tasks import config  # noqa: E402
+from tasks.run_folder import ResultsFolder  # noqa: E402
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Config:
     seed: int = 0
     data_root: Optional[str] = None  # default: $BILEVEL_DATA
     out_dir: str = "runs/layers/odenet_mnist"
+    overwrite: bool = False  # replace the results of an earlier run in out_dir (also: --overwrite)
 
 
 class ODENet(nn.Module):
@@ -81,8 +83,7 @@ def load(split, n, root):
 def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(cfg.out_dir, cfg.overwrite)  # before any work: an earlier run's results are kept
     train_x, train_y = load("train", cfg.train_size, cfg.data_root)
     test_x, test_y = load("test", cfg.test_size, cfg.data_root)
     model = ODENet(cfg)
@@ -114,12 +115,12 @@ def run(cfg: Config) -> dict:
                    mean_nfe_backward=sum(nfe_bwd) / len(nfe_bwd) if nfe_bwd else None,
                    saved_for_backward_mb=saved / 2 ** 20, cpu_minutes=(time.process_time() - cpu0) / 60)
     print(json.dumps({k: v for k, v in results.items() if k not in ("config", "history")}))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    folder.save(results)
     return results
 
 
 def main(argv):
-    run(config.from_argv(Config, argv, __doc__))
+    config.run_from_argv(run, Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bilevel.layers import qp  # noqa: E402
 from tasks import config  # noqa: E402
+from tasks.run_folder import ResultsFolder  # noqa: E402
 
 DT = torch.float64
 
@@ -51,6 +52,7 @@ class Config:
     threads: int = 1
     seed: int = 0
     out_dir: str = "runs/layers/qp_layer"
+    overwrite: bool = False  # replace the results of an earlier run in out_dir (also: --overwrite)
 
 
 def sparsemax_qp(x):
@@ -191,8 +193,7 @@ def run(cfg: Config) -> dict:
 
     torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(cfg.out_dir, cfg.overwrite)  # before any work: an earlier run's results are kept
     results = dict(config=asdict(cfg), sparsemax=sparsemax_check(cfg.seed))
     print("sparsemax vs closed form (float64):", json.dumps(results["sparsemax"]))
     results["constraint_set"] = learn_constraints(cfg, g)
@@ -200,12 +201,12 @@ def run(cfg: Config) -> dict:
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         results["timing"] = timing(cfg, g)
     print("timing:", json.dumps(results["timing"]))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    folder.save(results)
     return results
 
 
 def main(argv):
-    run(config.from_argv(Config, argv, __doc__))
+    config.run_from_argv(run, Config, argv, __doc__)
 
 
 if __name__ == "__main__":

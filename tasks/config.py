@@ -34,8 +34,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "from_argv", "check",
-           "choose", "check_writable", "check_device", "resolve_device"]
+__all__ = ["ConfigError", "WandbConfig", "WANDB_MODES", "load", "load_named", "parse_cli", "from_argv", "run_from_argv",
+           "check", "choose", "check_writable", "check_device", "resolve_device"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -176,10 +176,13 @@ def parse_cli(argv: Sequence[str], default: str, options: dict[str, Optional[str
 def from_argv(schema: type, argv: Sequence[str], doc: Optional[str] = None):
     """The ``schema`` dataclass from ``key=value`` arguments: the command line of a single-file example.
 
-    ``-h`` / ``--help`` prints ``doc`` and every key with its default, then exits; a mistake (an unknown key, a wrong
-    type, an argument that is not ``key=value``) exits with the one line of :func:`load`.
+    ``--name`` stands for ``name=true`` for a boolean key (``--overwrite``). ``-h`` / ``--help`` prints ``doc`` and
+    every key with its default, then exits; a mistake (an unknown key, a wrong type, an argument that is not
+    ``key=value``) exits with the one line of :func:`load`.
     """
-    argv = list(argv)
+    flags = {f"--{name.replace('_', '-')}": f"{name}=true" for name, value in
+             OmegaConf.to_container(OmegaConf.structured(schema)).items() if isinstance(value, bool)}
+    argv = [flags.get(a, a) for a in argv]
     if any(a in ("-h", "--help") for a in argv):
         defaults = OmegaConf.to_container(OmegaConf.structured(schema))
         print((doc or "").strip() + "\n\noptions (key=value, defaults shown):\n"
@@ -190,6 +193,18 @@ def from_argv(schema: type, argv: Sequence[str], doc: Optional[str] = None):
     except ConfigError as err:
         raise SystemExit(f"{str(err).rstrip('.')}. Options: {', '.join(OmegaConf.structured(schema))} (--help "
                          f"for the defaults).") from None
+
+
+def run_from_argv(run: Callable, schema: type, argv: Sequence[str], doc: Optional[str] = None):
+    """``run(from_argv(schema, argv, doc))``; an output folder that is refused (it holds an earlier run, another run
+    holds it, it cannot be written: ``RunFolderError``, raised before any work) ends the program with its one line."""
+    from tasks.run_folder import RunFolderError
+
+    cfg = from_argv(schema, argv, doc)
+    try:
+        return run(cfg)
+    except RunFolderError as err:
+        raise SystemExit(str(err)) from None
 
 
 def check(ok: bool, message: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "LOCK"]
+__all__ = ["RunFolder", "ResultsFolder", "RunFolderError", "atomic_write", "load_checkpoint", "LOCK"]
 
 LOCK = "run.lock"
 
@@ -227,6 +227,22 @@ class RunFolder:
         if self.held:
             self.lock.unlink(missing_ok=True)
             self.held = False
+
+
+class ResultsFolder(RunFolder):
+    """The run folder of a script that writes one ``results.json`` at its end and cannot resume (the single-file
+    examples): claimed before any work, so that an earlier run's results are kept unless ``overwrite`` and a folder
+    that cannot be written is found at once; :meth:`save` writes the results and releases the folder."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, key: str = "out_dir"):
+        super().__init__(path, files=("results.json",), overwrite=overwrite, checkpoint=None, key=key)
+
+    def save(self, results: dict) -> Path:
+        """Write ``results`` to ``results.json`` (atomically) and release the folder; returns the file."""
+        path = self.path / "results.json"
+        atomic_write(path, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        self.release()
+        return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import socket
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.run_folder import RunFolder, RunFolderError, atomic_write, load_checkpoint
+from tasks.run_folder import ResultsFolder, RunFolder, RunFolderError, atomic_write, load_checkpoint
 
 FILES = ("results.json", "model.pt", "plots")  # a script's run: two files and a folder
 
@@ -159,3 +160,27 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_normal_permissions
     with pytest.raises(OSError, match=r"No space left on device \(writing .*results.json; its previous version"):
         atomic_write(path, full)
     assert path.read_bytes() == b"old"
+
+
+def test_a_results_folder_keeps_an_earlier_run_unless_overwritten(tmp_path):
+    folder = ResultsFolder(tmp_path / "out")
+    assert (tmp_path / "out" / "run.lock").exists()  # held from the start until the results are saved
+    assert json.loads(folder.save({"a": 1}).read_text()) == {"a": 1} and not (tmp_path / "out" / "run.lock").exists()
+    with pytest.raises(RunFolderError, match=r"holds a run \(results.json\); replace it with --overwrite.*out_dir"):
+        ResultsFolder(tmp_path / "out")
+    ResultsFolder(tmp_path / "out", overwrite=True).save({"a": 2})
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"a": 2}
+
+
+def test_an_example_refuses_to_replace_its_earlier_results(tmp_path):
+    # examples/qp_layer.py, the fastest example with results: a second run into the same out_dir stops before work
+    example = Path(__file__).resolve().parents[1] / "examples" / "qp_layer.py"
+    args = [sys.executable, str(example), "steps=1", "batch=4", "timing_batch=2", "timing_repeats=1",
+            f"out_dir={tmp_path}"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    written = (tmp_path / "results.json").read_text()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds a run" in again.stderr and again.stdout == ""
+    assert (tmp_path / "results.json").read_text() == written
+    assert subprocess.run(args + ["--overwrite"], capture_output=True, text=True, timeout=300).returncode == 0
