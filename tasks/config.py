@@ -180,19 +180,18 @@ def from_argv(schema: type, argv: Sequence[str], doc: Optional[str] = None):
     every key with its default, then exits; a mistake (an unknown key, a wrong type, an argument that is not
     ``key=value``) exits with the one line of :func:`load`.
     """
-    flags = {f"--{name.replace('_', '-')}": f"{name}=true" for name, value in
-             OmegaConf.to_container(OmegaConf.structured(schema)).items() if isinstance(value, bool)}
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+    flags = {f"--{key.replace('_', '-')}": f"{key}=true" for key, value in defaults.items() if isinstance(value, bool)}
     argv = [flags.get(a, a) for a in argv]
     if any(a in ("-h", "--help") for a in argv):
-        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
         print((doc or "").strip() + "\n\noptions (key=value, defaults shown):\n"
               + "\n".join(f"  {key}={value}" for key, value in defaults.items()))
         raise SystemExit(0)
     try:
         return OmegaConf.to_object(load(schema, (), argv))
     except ConfigError as err:
-        raise SystemExit(f"{str(err).rstrip('.')}. Options: {', '.join(OmegaConf.structured(schema))} (--help "
-                         f"for the defaults).") from None
+        raise SystemExit(f"{str(err).rstrip('.')}. Options: {', '.join(defaults)} (--help for the defaults).") \
+            from None
 
 
 def run_from_argv(run: Callable, schema: type, argv: Sequence[str], doc: Optional[str] = None):
