@@ -4,6 +4,7 @@
     BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 170 --threads 1 --resume
     BILEVEL_DATA=/path/to/data python -m benchmarks.l2l_time_to_accuracy --max-minutes 170 --threads 2 \
         --bilevel-batching threads --out runs/benchmarks/l2l_time_to_accuracy_2threads.jsonl
+    python -m benchmarks.l2l_time_to_accuracy --report --out runs/benchmarks/l2l_time_to_accuracy_2threads.jsonl
 
 learn2learn's side is the meta-step of its ``examples/vision/maml_omniglot.py``: ``l2l.algorithms.MAML(model,
 lr=0.5, first_order=False)``; per task ``clone()``, one ``adapt()`` on the support loss, ``backward()`` of the query
@@ -50,6 +51,7 @@ import copy
 import datetime
 import importlib.metadata
 import json
+import sys
 import os
 import signal
 import statistics
@@ -261,7 +263,59 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def report(path: Path, window: int = 3) -> str:
+    """Time to each target, read from the validation records of the last experiment in ``path``.
+
+    The first validation at or above a target is one draw from a noisy curve (1,000 tasks: ±0.5 points); a crossing
+    that stays is the first validation whose mean with the ``window - 1`` before it reaches the target. Both are
+    given in training wall minutes, with the ratio of the two implementations.
+    """
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    starts = [r for r in records if r["kind"] == "start"]
+    if not starts:
+        raise ValueError(f"{path} holds no experiment (no 'start' record).")
+    date, targets = starts[-1]["date"], starts[-1]["argv"]["targets"]
+    vals: dict[str, list] = {}
+    for r in records:
+        if r["kind"] == "val" and r["date"] == date:
+            vals.setdefault(r["impl"], []).append((r["step"], r["val_acc"], r["train_wall_s"] / 60))
+
+    def first(curve, target, n):
+        for i in range(n - 1, len(curve)):
+            if sum(acc for _, acc, _ in curve[i - n + 1:i + 1]) / n >= target:
+                return curve[i][0], curve[i][2]
+        return None
+
+    head = ["target", *(f"{impl}: {how}" for how in ("first validation", f"mean of {window}") for impl in vals),
+            "ratio (first / mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in targets:
+        found = {(impl, n): first(curve, t, n) for impl, curve in vals.items() for n in (1, window)}
+        cells = [f"{100 * t:g} %"] + [("not reached" if found[impl, n] is None else
+                                        f"step {found[impl, n][0]}, {found[impl, n][1]:.2f} min")
+                                       for n in (1, window) for impl in vals]
+        a, b = list(vals)[:2] if len(vals) >= 2 else (None, None)
+        ratios = [f"{found[a, n][1] / found[b, n][1]:.2f}x" if a and found[a, n] and found[b, n] else "-"
+                  for n in (1, window)]
+        lines.append("| " + " | ".join(cells + [" / ".join(ratios)]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None, data=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--report" in argv:   # no training: the table of an experiment's records (--out)
+        parser = argparse.ArgumentParser(description="time to each target from the records of --out")
+        parser.add_argument("--report", action="store_true")
+        parser.add_argument("--out", type=Path, required=True, help="the experiment's JSON lines")
+        parser.add_argument("--window", type=int, default=3, help="validations averaged for a crossing that stays")
+        args = parser.parse_args(argv)
+        if not args.out.is_file():
+            parser.error(f"--out {args.out}: no such file")
+        if args.window < 1:
+            parser.error(f"--window must be positive, got {args.window}")
+        print(report(args.out, args.window))
+        return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-minutes", type=float, default=600.0,
                         help="wall-clock budget of this session (invocation), not of the experiment")

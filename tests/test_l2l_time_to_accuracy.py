@@ -258,3 +258,25 @@ def test_bilevel_task_threads_compute_the_loop_meta_gradient(sessions, data, tmp
         tta.main(["--max-steps", "1", *SHORT, "--bilevel-batching", "threads", "--bilevel-workers", "1",
                   "--threads", "1", "--out", str(out), "--resume"], data=data)
     assert re.search(r"--bilevel-workers 2 in the checkpoint, 1 now", capsys.readouterr().err)
+
+
+def test_report_reads_the_last_experiment_and_tells_a_lucky_crossing_from_one_that_stays(tmp_path, capsys):
+    def val(date, impl, step, acc, minutes):
+        return {"date": date, "kind": "val", "impl": impl, "step": step, "val_acc": acc, "train_wall_s": 60 * minutes}
+
+    curves = {"learn2learn": [0.80, 0.96, 0.90, 0.97, 0.985], "bilevel": [0.80, 0.90, 0.95, 0.95, 0.96]}
+    records = [{"date": "old", "kind": "start", "argv": {"targets": [0.5]}}, val("old", "bilevel", 0, 0.99, 1.0),
+               {"date": "new", "kind": "start", "argv": {"targets": [0.95, 0.99]}}]
+    for step in range(5):
+        records += [val("new", impl, step, curve[step], 2.0 * (step + 1) if impl == "learn2learn" else step + 1)
+                    for impl, curve in curves.items()]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert tta.main(["--report", "--out", str(path)]) is None
+    rows = capsys.readouterr().out.splitlines()
+    # learn2learn's first crossing is its lucky step 1; the mean of 3 first reaches 95 % at its step 4 (0.943 at 3)
+    assert rows[2] == ("| 95 % | step 1, 4.00 min | step 2, 3.00 min | step 4, 10.00 min | step 4, 5.00 min | "
+                       "1.33x / 2.00x |")
+    assert rows[3] == "| 99 % | not reached | not reached | not reached | not reached | - / - |"
+    with pytest.raises(SystemExit):
+        tta.main(["--report", "--out", str(tmp_path / "missing.jsonl")])
