@@ -163,8 +163,8 @@ def check(out: Hypergrad, method, on_nonconvergence: str = "warn", on_nonfinite:
         if found is not None:
             norm, issue = found
             _warn_counted(f"{norm} third order",
-                          f"Write {norm} from primitive ops (docs: failure modes) before differentiating this "
-                          f"hypergradient again: PyTorch's fused training-mode {norm} gives wrong third "
+                          f"Write {norm} from primitive ops (docs: failure modes) to differentiate this "
+                          f"hypergradient again: PyTorch's fused training-mode {norm} has wrong third "
                           f"derivatives ({issue}).", RuntimeWarning)
     kept = out.kept if out.kept is not None else None
     if kept is not None:
