@@ -74,11 +74,12 @@ def _plot_combined(path: Path, runs: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    for s in runs:
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors  # the default cycle repeats after 10 runs
+    for s, color in zip(runs, colors * (1 + len(runs) // len(colors))):
         h = s["history"]
         label = f"{s['run']} ({s['method']}, {s['setting']})"
-        ax_t.plot([c / 60 for c in h.get("val_cpu", [])], h["val_acc"], "o-", ms=2, label=label)
-        ax_s.plot(h["val_step"], h["val_acc"], "o-", ms=2, label=label)
+        ax_t.plot([c / 60 for c in h.get("val_cpu", [])], h["val_acc"], "o-", ms=2, color=color, label=label)
+        ax_s.plot(h["val_step"], h["val_acc"], "o-", ms=2, color=color, label=label)
     for ax, xlabel in ((ax_t, "training CPU minutes (one thread)"), (ax_s, "meta-step")):
         ax.axhline(0.95, color="grey", lw=0.6, ls="--")
         ax.axhline(0.97, color="grey", lw=0.6, ls=":")
